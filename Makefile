@@ -1,0 +1,33 @@
+# make repro: set up .venv (from the pinned requirements) and run the DVC pipeline.
+# make test:  set up the same way and run the test suite.
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Offline here: use the shared copy of names.txt when it exists and nothing else is set.
+NAMES_MIRROR ?= $(wildcard $(CURDIR)/../shared/data/names.txt)
+export NAMES_MIRROR
+
+.PHONY: repro test bench lint clean-venv
+
+$(STAMP): requirements.txt
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+repro: $(STAMP)
+	dvc repro
+	@echo "report: $(CURDIR)/reports/report.html"
+
+test: $(STAMP)
+	python -m pytest
+
+bench: $(STAMP)
+	python -m benchmarks.bench
+
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)

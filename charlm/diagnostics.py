@@ -1,0 +1,108 @@
+"""What happens inside the network: activations, gradients, BatchNorm statistics.
+
+The pictures of makemore part 3 as numbers, for S stacked models. Every function
+works on a copy of the model's state where it would otherwise change it (a
+training-mode forward updates BatchNorm's running buffers), so calling them never
+changes the model that is evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from charlm.model import MLP, cross_entropy_per_model
+
+WEIGHTS = ("C", "W1", "W2")
+
+
+def activations(model: MLP, idx: torch.Tensor, train_mode: bool) -> dict[str, torch.Tensor]:
+    """Hidden pre-activations and tanh activations on a probe batch.
+
+    Args:
+        idx: int64 (S, P, T) probe contexts.
+        train_mode: BatchNorm normalises with the probe's own statistics when True
+            (as at the step-0 forward pass), with the running ones when False.
+    Returns:
+        'hpreact' and 'h', float32 (S, P, H), on the CPU.
+    """
+    m = copy.deepcopy(model).train(train_mode)
+    with torch.no_grad():
+        hpreact, h = m.hidden(idx)
+    return {"hpreact": hpreact.cpu(), "h": h.cpu()}
+
+
+def activation_summary(h: torch.Tensor, hpreact: torch.Tensor) -> dict[str, list[float]]:
+    """Per model: share of |h| > 0.97 and > 0.99, dead units, pre-activation mean and std.
+
+    A dead unit is saturated (|h| > 0.99) on every example of the probe batch, so its
+    gradient tanh' = 1 - h^2 is near 0 for all of them (makemore part 3).
+    Returns lists of length S: 'sat_097', 'sat_099' (fractions), 'dead' (unit counts),
+    'hpreact_mean', 'hpreact_std'.
+    """
+    S = h.shape[0]
+    a = h.abs()
+    return {
+        "sat_097": (a > 0.97).float().reshape(S, -1).mean(1).tolist(),
+        "sat_099": (a > 0.99).float().reshape(S, -1).mean(1).tolist(),
+        "dead": (a > 0.99).all(dim=1).sum(1).tolist(),
+        "hpreact_mean": hpreact.reshape(S, -1).mean(1).tolist(),
+        "hpreact_std": hpreact.reshape(S, -1).std(1).tolist(),
+    }
+
+
+def gradients(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of each model's loss on the probe batch, in training mode, by autograd.
+
+    Returns, on the CPU: 'dh' float32 (S, P, H), the gradient at the tanh outputs;
+    for each weight w in C, W1, W2: 'w.mean', 'w.std' and 'w.ratio' = std(grad)/std(w),
+    each float32 (S,) -- makemore part 3's gradient distribution and grad:data ratio.
+    """
+    m = copy.deepcopy(model).train(True)
+    for p in m.parameters():
+        p.grad = None
+    hpreact, h = m.hidden(idx)
+    h.retain_grad()
+    logits = torch.baddbmm(m.b2.unsqueeze(1), h, m.W2)  # (S, P, V)
+    loss = cross_entropy_per_model(logits, targets)
+    loss.sum().backward()  # models are independent: d(sum)/dp_s = dloss_s/dp_s
+    S = model.n_models
+    out = {"dh": h.grad.detach().cpu()}
+    for w in WEIGHTS:
+        p = getattr(m, w)
+        g = p.grad.reshape(S, -1)
+        out[f"{w}.mean"] = g.mean(1).cpu()
+        out[f"{w}.std"] = g.std(1).cpu()
+        out[f"{w}.ratio"] = (g.std(1) / p.detach().reshape(S, -1).std(1)).cpu()
+    return out
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: MLP, X: torch.Tensor, chunk: int = 16384) -> dict[str, torch.Tensor]:
+    """Per-unit mean and unbiased std of emb @ W1 over a whole split (N >= 2 rows).
+
+    The lecture's "calibrate the batch norm at the end of training" (makemore part 3),
+    computed in float64 in one pass of sums. Returns 'mean' and 'std', float32 (S, H).
+    """
+    S, device = model.n_models, model.C.device
+    H = model.W1.shape[2]
+    total = torch.zeros(S, H, dtype=torch.float64, device=device)
+    total_sq = torch.zeros_like(total)
+    n = X.shape[0]
+    for i in range(0, n, chunk):
+        xb = X[i : i + chunk].to(device)
+        pre = torch.bmm(model.embed(xb.expand(S, -1, -1)), model.W1).double()  # (S, b, H)
+        total += pre.sum(1)
+        total_sq += (pre * pre).sum(1)
+    mean = total / n
+    var = (total_sq - n * mean * mean) / (n - 1)
+    return {"mean": mean.float().cpu(), "std": var.clamp_min(0).sqrt().float().cpu()}
+
+
+def with_batchnorm_stats(model: MLP, mean: torch.Tensor, std: torch.Tensor) -> MLP:
+    """A copy of ``model`` whose BatchNorm running buffers are ``mean`` and ``std``."""
+    m = copy.deepcopy(model)
+    m.bn.running_mean.copy_(mean)
+    m.bn.running_std.copy_(std)
+    return m

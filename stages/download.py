@@ -1,0 +1,79 @@
+"""Fetch the names list and verify its sha256.
+
+Reads params data.url and data.sha256; writes the verified bytes to ``--out``.
+The environment variable NAMES_MIRROR (a local path or file:// URL) is tried first.
+Run: python -m stages.download --out data/raw/names.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from stages import io, params
+
+PARAMS = ["data.url", "data.sha256"]
+MIRROR_VAR = "NAMES_MIRROR"
+TIMEOUT = 30  # seconds
+
+
+def fetch(url: str, timeout: float = TIMEOUT) -> bytes:
+    """Bytes at ``url`` (http, https, file) or at a local path.
+
+    Raises:
+        OSError: when it cannot be read, with the URL and the variable to set.
+    """
+    if "://" not in url:
+        url = Path(url).resolve().as_uri()
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("http", "https", "file"):
+        raise OSError(f"unsupported URL scheme {scheme!r} in {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise OSError(
+            f"cannot fetch {url}: {reason}. Offline? Set {MIRROR_VAR} to a local copy "
+            f"of the file (a path or file:// URL), e.g. {MIRROR_VAR}=/path/to/names.txt"
+        ) from None
+
+
+def download(url: str, sha256: str, out: Path, mirror: str | None = None) -> str:
+    """Fetch from ``mirror`` (if given) else ``url``, check ``sha256``, write ``out``.
+
+    Returns the source used. Raises OSError (unreachable) or ValueError (checksum
+    mismatch, naming both hashes); in both cases nothing is written.
+    """
+    source = mirror or url
+    data = fetch(source)
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise ValueError(
+            f"checksum mismatch for {source}: expected sha256 {sha256} (params data.sha256), "
+            f"got {got} ({len(data)} bytes). If this is the file you want, set data.sha256 "
+            "to the second hash."
+        )
+    with io.atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    return source
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    p = params.load(args.params, PARAMS)
+    mirror = os.environ.get(MIRROR_VAR) or None
+    source = download(p["data.url"], p["data.sha256"], args.out, mirror)
+    print(f"wrote {args.out} from {source}")
+
+
+if __name__ == "__main__":
+    io.run(main)

@@ -1,0 +1,142 @@
+"""Evaluate one trained variant: split losses, step-0 loss, diagnostics and samples.
+
+Reads params evaluate.*, ``--data`` (the split) and ``--model`` (train's directory);
+writes to ``--out`` (a directory): metrics.json (per-seed and summary split losses),
+diagnostics.pt (activations, gradients, BatchNorm statistics) and samples.json.
+Run: python -m stages.evaluate --data data/processed --model data/models/kaiming --out data/eval/kaiming
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from charlm import diagnostics as diag
+from charlm.config import ModelConfig, VariantConfig
+from charlm.data import Vocabulary
+from charlm.evaluate import sample, split_loss
+from charlm.model import MLP
+from stages import io, params
+from stages.params import EvaluateConfig
+
+PARAMS = ["evaluate"]
+SPLITS = ("train", "val", "test")
+
+
+def load_model(checkpoint: dict, which: str = "state_dict") -> MLP:
+    """Rebuild the trained (or, with ``which='init_state_dict'``, initial) models."""
+    model_cfg = ModelConfig(**checkpoint["model"])
+    variant = VariantConfig.model_validate(checkpoint["variant"], strict=False)
+    model = MLP(len(checkpoint["vocab"]) + 1, checkpoint["block_size"], model_cfg.n_embd,
+                model_cfg.n_hidden, n_models=len(checkpoint["seeds"]),
+                batchnorm=variant.batchnorm, momentum=variant.momentum)
+    model.load_state_dict(checkpoint[which])
+    return model
+
+
+def summarise(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std over the finite values (None when there are too few)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    mean = statistics.fmean(finite) if finite else None
+    std = statistics.stdev(finite) if len(finite) >= 2 else None
+    return mean, std
+
+
+def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dict:
+    """Do the work; returns the metrics written to metrics.json."""
+    t0 = time.perf_counter()
+    checkpoint = torch.load(model_dir / "model.pt")
+    history = torch.load(model_dir / "history.pt")
+    summary = json.loads((model_dir / "train.json").read_text(encoding="utf-8"))
+    splits = {k: torch.load(data / f"{k}.pt") for k in SPLITS}
+    words = json.loads((data / "words.json").read_text(encoding="utf-8"))
+    vocab = Vocabulary(tuple(checkpoint["vocab"]))
+    model, init = load_model(checkpoint), load_model(checkpoint, "init_state_dict")
+    S, seeds = model.n_models, checkpoint["seeds"]
+    diverged_at = summary["diverged_at"]
+
+    per_seed: dict[str, list[float | None]] = {}
+    for k in SPLITS:
+        losses = split_loss(model, splits[k]["X"], splits[k]["Y"]).tolist()
+        per_seed[k] = [None if d is not None else v for v, d in zip(losses, diverged_at, strict=True)]
+    per_seed["init_loss"] = history["loss"][0].double().tolist()
+
+    # one fixed probe batch from the training split, drawn by its own generator
+    g = torch.Generator().manual_seed(cfg.probe_seed)
+    pick = torch.randint(0, splits["train"]["X"].shape[0], (cfg.probe_size,), generator=g)
+    probe_x = splits["train"]["X"][pick].expand(S, -1, -1)  # (S, P, T)
+    probe_y = splits["train"]["Y"][pick].expand(S, -1)  # (S, P)
+    diagnostics: dict = {"seeds": seeds, "probe_index": pick, "diverged_at": diverged_at,
+                         "record_steps": history["record_steps"],
+                         "update_ratio": history["update_ratio"]}
+    for when, m in (("init", init), ("final", model)):
+        # at init the step-0 forward pass (training mode); after training, eval mode
+        acts = diag.activations(m, probe_x, train_mode=(when == "init"))
+        diagnostics[when] = {**acts, **diag.activation_summary(acts["h"], acts["hpreact"])}
+    diagnostics["init"]["grads"] = diag.gradients(init, probe_x, probe_y)
+
+    if model.bn is not None:
+        calibrated = diag.calibrate_batchnorm(model, splits["train"]["X"])
+        recal = diag.with_batchnorm_stats(model, calibrated["mean"], calibrated["std"])
+        diagnostics["batchnorm"] = {
+            "running_mean": model.bn.running_mean.clone(),
+            "running_std": model.bn.running_std.clone(),
+            "calibrated_mean": calibrated["mean"],
+            "calibrated_std": calibrated["std"],
+            "calibrated_loss": {k: split_loss(recal, splits[k]["X"], splits[k]["Y"]).tolist()
+                                for k in SPLITS},
+        }
+
+    g = torch.Generator().manual_seed(cfg.sample_seed)
+    shown = sample(model, vocab, cfg.n_samples, g)
+    novelty = sample(model, vocab, cfg.n_novelty, g) if cfg.n_novelty else [[] for _ in range(S)]
+    train_words = set(words["train"])
+    in_train = [sum(w in train_words for w in ws) / len(ws) if ws else None for ws in novelty]
+
+    metrics = {
+        "seeds": seeds,
+        "canonical": {k: per_seed[k][0] for k in ("train", "val", "test", "init_loss")},
+        "mean": {},
+        "std": {},
+        "per_seed": {**per_seed, "diverged_at": diverged_at},
+        "n_diverged": sum(d is not None for d in diverged_at),
+        "share_samples_in_train": in_train,
+        "train_seconds": summary["seconds"],
+        "us_per_model_step": summary["us_per_model_step"],
+        "device": summary["device"],
+    }
+    for k in ("train", "val", "test", "init_loss"):
+        metrics["mean"][k], metrics["std"][k] = summarise(per_seed[k])
+    metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
+    with io.atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "metrics.json").write_text(io.dumps_json(metrics), encoding="utf-8")
+        (tmp / "samples.json").write_text(
+            io.dumps_json({"seeds": seeds, "samples": shown, "share_in_train": in_train}),
+            encoding="utf-8")
+        torch.save(diagnostics, tmp / "diagnostics.pt")
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    cfg = params.load(args.params, PARAMS)["evaluate"]
+    m = evaluate(args.data, args.model, args.out, cfg)
+    c = m["canonical"]
+    print(f"wrote {args.out}: canonical seed train {c['train']:.4f} val {c['val']:.4f} "
+          f"test {c['test']:.4f} (step 0: {c['init_loss']:.4f})")
+
+
+if __name__ == "__main__":
+    io.run(main)

@@ -1,0 +1,69 @@
+"""Build the vocabulary, the shuffled train/val/test split and the context windows.
+
+Reads the names file and params split.*; writes to ``--out`` (a directory):
+{train,val,test}.pt (X int64 (N, block_size), Y int64 (N,)), vocab.json, words.json, counts.json.
+Run: python -m stages.split --names data/raw/names.txt --out data/processed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
+from stages import io, params
+
+PARAMS = ["split"]
+SPLITS = ("train", "val", "test")
+
+
+def split(names: Path, out: Path, seed: int, train_frac: float, val_frac: float,
+          block_size: int) -> dict:
+    """Do the work; returns the counts written to counts.json."""
+    words = parse_names(names.read_bytes(), source=str(names))
+    vocab = Vocabulary.from_words(words)
+    parts = dict(zip(SPLITS, shuffle_split(words, seed, train_frac, val_frac), strict=True))
+    for name, part in parts.items():
+        if not part:
+            raise ValueError(
+                f"{names}: the {name} split is empty ({len(words)} names with "
+                f"train_frac={train_frac}, val_frac={val_frac}); use more names"
+            )
+    counts = {
+        "names": len(words),
+        "vocab_size": vocab.size,
+        "block_size": block_size,
+        "words": {k: len(v) for k, v in parts.items()},
+        "windows": {},
+        "first_shuffled": parts["train"][:5],
+    }
+    with io.atomic_path(out) as tmp:
+        tmp.mkdir()
+        for name, part in parts.items():
+            X, Y = build_windows(part, vocab, block_size)
+            counts["windows"][name] = X.shape[0]
+            torch.save({"X": X, "Y": Y}, tmp / f"{name}.pt")
+        (tmp / "vocab.json").write_text(json.dumps({"chars": list(vocab.chars)}, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+        (tmp / "words.json").write_text(json.dumps(parts, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+        (tmp / "counts.json").write_text(io.dumps_json(counts), encoding="utf-8")
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--names", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    cfg = params.load(args.params, PARAMS)["split"]
+    counts = split(args.names, args.out, **cfg.model_dump())
+    print(f"wrote {args.out}: {counts['names']} names, windows {counts['windows']}")
+
+
+if __name__ == "__main__":
+    io.run(main)

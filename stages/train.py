@@ -1,0 +1,105 @@
+"""Train one variant over all seeds at once.
+
+Reads params model, train and variants.<variant>, and the split in ``--data``; writes
+to ``--out`` (a directory): model.pt (final and initial state with the config and
+vocabulary they were built from), history.pt (per-step loss (steps, S), update:data
+ratios), train.json (wall time, divergence); and ``--curve``, the loss curve CSV (a DVC plot).
+Run: python -m stages.train --variant kaiming --data data/processed --out data/models/kaiming \
+    --curve reports/curves/kaiming.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from charlm import engine
+from charlm.config import ModelConfig, TrainConfig, VariantConfig
+from charlm.model import build_mlp
+from stages import io, params
+
+PARAMS = ["model", "train", "variants.{variant}"]
+
+
+def curve_rows(loss: torch.Tensor, window: int) -> list[str]:
+    """CSV rows step,log10_loss: mean of log10(loss) of seed 0 over each ``window``."""
+    steps = loss.shape[0] // window * window
+    if steps == 0:
+        window, steps = loss.shape[0], loss.shape[0]
+    means = loss[:steps, 0].log10().view(-1, window).mean(1)  # (steps / window,)
+    return [f"{i * window},{v:.6f}" for i, v in enumerate(means.tolist())]
+
+
+def train(variant: str, data: Path, out: Path, curve: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+          variant_cfg: VariantConfig) -> dict:
+    """Do the work; returns the summary written to train.json."""
+    vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))
+    counts = json.loads((data / "counts.json").read_text(encoding="utf-8"))
+    split = torch.load(data / "train.pt")
+    device = engine.resolve_device(train_cfg.device)
+    generators = [torch.Generator().manual_seed(s) for s in train_cfg.seeds]
+    model = build_mlp(model_cfg, variant_cfg, counts["vocab_size"], counts["block_size"],
+                      generators)
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(device)
+    bar = tqdm(total=train_cfg.max_steps, desc=f"train@{variant}", unit="step",
+               unit_scale=True, mininterval=2.0)
+
+    def progress(done: int, loss: torch.Tensor) -> None:
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{float(loss[0]):.4f}", refresh=False)
+
+    result = engine.train(model, split["X"], split["Y"], generators, train_cfg,
+                          variant_cfg.lr_scale, progress)
+    bar.close()
+    summary = {
+        "variant": variant,
+        "seeds": train_cfg.seeds,
+        "device": str(device),
+        "seconds": round(result.seconds, 3),
+        "us_per_model_step": round(result.seconds / train_cfg.max_steps / len(generators) * 1e6, 3),
+        "diverged_at": result.diverged_at,
+    }
+    checkpoint = {
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "init_state_dict": init_state,
+        "model": model_cfg.model_dump(),
+        "variant": variant_cfg.model_dump(exclude_unset=True),
+        "train": train_cfg.model_dump(),
+        "vocab": vocab["chars"],
+        "block_size": counts["block_size"],
+        "seeds": train_cfg.seeds,
+    }
+    history = {"loss": result.loss, "record_steps": result.record_steps,
+               "update_ratio": result.update_ratio}
+    with io.atomic_path(out) as tmp:
+        tmp.mkdir()
+        torch.save(checkpoint, tmp / "model.pt")
+        torch.save(history, tmp / "history.pt")
+        (tmp / "train.json").write_text(io.dumps_json(summary), encoding="utf-8")
+        rows = curve_rows(result.loss, train_cfg.record_every)
+        io.write_text(curve, "step,log10_loss\n" + "\n".join(rows) + "\n")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--curve", type=Path, required=True)
+    args = parser.parse_args()
+    keys = [k.format(variant=args.variant) for k in PARAMS]
+    p = params.load(args.params, keys)
+    summary = train(args.variant, args.data, args.out, args.curve, p["model"], p["train"], p[keys[2]])
+    print(f"wrote {args.out} in {summary['seconds']:.1f} s "
+          f"({summary['us_per_model_step']:.1f} us per model-step)")
+
+
+if __name__ == "__main__":
+    io.run(main)
