@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NAMES_MIRROR ?= $(wildcard $(CURDIR)/../shared/data/names.txt)
 export NAMES_MIRROR
 
-.PHONY: repro test bench lint clean-venv
+.PHONY: repro test bench sweep-report lint clean-venv
 
 $(STAMP): requirements.txt
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	python -m benchmarks.bench
+
+sweep-report: $(STAMP)
+	python -m stages.sweep_report --out reports/sweep.html
 
 lint: $(STAMP)
 	ruff check .
