@@ -1,0 +1,188 @@
+"""The DVC pipeline end to end, in a throwaway copy of the repository (tiny params).
+
+One ``dvc repro`` builds a baseline that is committed; each experiment then runs
+``dvc exp run -S ...`` on it and the test checks which stages ran (DESIGN.md,
+"Parameters": a variant's key reruns that variant's stages and the report only).
+The workspace is put back to the baseline after every experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, make_repo, run
+
+pytestmark = pytest.mark.integration
+
+VARIANTS = ("naive", "kaiming", "batchnorm")
+SPLITS = ("train", "val", "test")
+# Step-0 loss of the canonical seed (DESIGN.md); it does not depend on the run's length.
+STEP0_LOSS = {"naive": 27.8817, "kaiming": 3.3179, "batchnorm": 3.3239}
+RUNNING = re.compile(r"Running stage '([^']+)'")
+
+
+def stages_run(proc) -> set[str]:
+    """Names of the stages dvc ran, from its 'Running stage ...' lines."""
+    return set(RUNNING.findall(proc.stdout + proc.stderr))
+
+
+def no_nan_tokens(text: str) -> None:
+    """Strict JSON: NaN/Infinity would be invalid JSON that DVC cannot compare."""
+
+    def reject(token: str):
+        raise AssertionError(f"non-finite token {token} in metrics.json")
+
+    json.loads(text, parse_constant=reject)
+
+
+class Baseline:
+    """A repository copy after one committed ``dvc repro``."""
+
+    def __init__(self, root: Path, env: dict[str, str], repro):
+        self.root, self.env, self.repro = root, env, repro
+
+    def dvc(self, *args: str, check: bool = True):
+        return run(["dvc", *args], cwd=self.root, env=self.env, check=check)
+
+    def restore(self) -> None:
+        """Back to the committed baseline: params, lock, metrics and outputs."""
+        run(["git", "checkout", "HEAD", "--", "."], cwd=self.root)
+        self.dvc("checkout", "--force")
+        status = self.dvc("status", "--json")
+        assert json.loads(status.stdout) == {}, f"not back at the baseline: {status.stdout}"
+
+    def metrics(self) -> dict:
+        return json.loads((self.root / "reports" / "metrics.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, names_path: Path) -> Baseline:
+    env = {
+        "NAMES_MIRROR": str(names_path),
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }  # fmt: skip  # the same as the repo_env fixture, at module scope
+    root = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", TINY)
+    repro = run(["dvc", "repro"], cwd=root, env=env)
+    run("git add dvc.lock reports && git commit -qm baseline", cwd=root, env=env)
+    return Baseline(root, env, repro)
+
+
+def test_repro_runs_every_stage_and_writes_outputs(baseline):
+    root = baseline.root
+    expected = {"download", "split", "report"}
+    expected |= {f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS}
+    assert stages_run(baseline.repro) == expected
+    for rel in (
+        "data/raw/names.txt",
+        "data/processed/train.pt",
+        "reports/report.html",
+        "reports/metrics.json",
+        "dvc.lock",
+    ):
+        assert (root / rel).is_file(), rel
+    for v in VARIANTS:
+        assert (root / "data" / "models" / v / "model.pt").is_file()
+        assert (root / "data" / "eval" / v / "metrics.json").is_file()
+        assert (root / "reports" / "curves" / f"{v}.csv").is_file()
+    # nothing is stale afterwards, and the data file never lands in git
+    assert baseline.dvc("status", "--json").stdout.strip() == "{}"
+    tracked = run(["git", "ls-files"], cwd=root).stdout.split()
+    assert "data/raw/names.txt" not in tracked
+
+
+def test_repro_metrics(baseline):
+    text = (baseline.root / "reports" / "metrics.json").read_text(encoding="utf-8")
+    no_nan_tokens(text)
+    metrics = json.loads(text)
+    assert set(metrics) == set(VARIANTS)
+    for v in VARIANTS:
+        m = metrics[v]
+        for k in (*SPLITS, "init_loss"):
+            assert isinstance(m[k], float) and math.isfinite(m[k]), (v, k, m[k])
+        assert m["n_seeds"] == len(TINY["train"]["seeds"])
+        # the canonical seed's first minibatch is the same in a 300-step run
+        assert abs(m["init_loss"] - STEP0_LOSS[v]) < 1e-4, (v, m["init_loss"])
+        assert m["train"] < m["init_loss"], v
+    # 300 steps already separate a well-initialised network from the naive one
+    assert metrics["kaiming"]["val"] < metrics["naive"]["val"]
+
+
+def test_exp_kaiming_gain_reruns_only_kaiming(baseline):
+    before = baseline.metrics()
+    try:
+        proc = baseline.dvc("exp", "run", "-n", "gain1", "-S", "variants.kaiming.gain=1.0")
+        assert stages_run(proc) == {"train@kaiming", "evaluate@kaiming", "report"}
+        after = baseline.metrics()
+        assert after["kaiming"]["val"] != before["kaiming"]["val"]
+        for v in ("naive", "batchnorm"):
+            assert after[v] == before[v], v
+
+        shown = exp_show(baseline)
+        base_val = [r["val"] for r in shown if r["name"] == "baseline"]
+        exp = [r for r in shown if r["name"] == "gain1"]
+        assert base_val == [before["kaiming"]["val"]]
+        assert len(exp) == 1
+        assert exp[0]["gain"] == 1.0
+        assert exp[0]["val"] == after["kaiming"]["val"]
+    finally:
+        baseline.restore()
+
+
+def test_exp_batchnorm_momentum_reruns_only_batchnorm(baseline):
+    before = baseline.metrics()
+    try:
+        proc = baseline.dvc("exp", "run", "-S", "variants.batchnorm.momentum=0.01")
+        assert stages_run(proc) == {"train@batchnorm", "evaluate@batchnorm", "report"}
+        after = baseline.metrics()
+        assert after["batchnorm"]["val"] != before["batchnorm"]["val"]
+        for v in ("naive", "kaiming"):
+            assert after[v] == before[v], v
+    finally:
+        baseline.restore()
+
+
+def test_exp_max_steps_reruns_every_variant(baseline):
+    steps = TINY["train"]["max_steps"] - 50
+    try:
+        proc = baseline.dvc("exp", "run", "-S", f"train.max_steps={steps}")
+        expected = {f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS} | {"report"}
+        assert stages_run(proc) == expected
+        params = yaml.safe_load((baseline.root / "params.yaml").read_text(encoding="utf-8"))
+        assert params["train"]["max_steps"] == steps
+    finally:
+        baseline.restore()
+
+
+def exp_show(baseline: Baseline) -> list[dict]:
+    """Rows of ``dvc exp show --json``: name, kaiming gain and kaiming val loss.
+
+    The baseline commit is named 'baseline' here; workspace rows are skipped.
+    """
+    data = json.loads(baseline.dvc("exp", "show", "--json").stdout)
+    head = run(["git", "rev-parse", "HEAD"], cwd=baseline.root).stdout.strip()
+    rows = []
+
+    def add(entry: dict, name: str) -> None:
+        payload = entry.get("data") or {}
+        metrics = payload.get("metrics", {}).get("reports/metrics.json", {}).get("data", {})
+        params = payload.get("params", {}).get("params.yaml", {}).get("data", {})
+        rows.append({
+            "name": name,
+            "gain": params.get("variants", {}).get("kaiming", {}).get("gain"),
+            "val": metrics.get("kaiming", {}).get("val"),
+        })  # fmt: skip
+
+    for entry in data:
+        if entry.get("rev") == "workspace":
+            continue
+        add(entry, "baseline" if entry.get("rev") == head else entry.get("name") or entry["rev"])
+        for group in entry.get("experiments") or []:
+            for rev in group.get("revs", []):
+                add(rev, rev.get("name") or rev["rev"])
+    return rows
