@@ -33,23 +33,87 @@ def activations(model: MLP, idx: torch.Tensor, train_mode: bool) -> dict[str, to
     return {"hpreact": hpreact.cpu(), "h": h.cpu()}
 
 
-def activation_summary(h: torch.Tensor, hpreact: torch.Tensor) -> dict[str, list[float]]:
-    """Per model: share of |h| > 0.97 and > 0.99, dead units, pre-activation mean and std.
+def activation_summary(
+    h: torch.Tensor, hpreact: torch.Tensor, thresholds: tuple[float, ...] = (0.97, 0.99)
+) -> dict:
+    """Per model: share of saturated activations, dead units, pre-activation mean and std.
 
-    A dead unit is saturated (|h| > 0.99) on every example of the probe batch, so its
-    gradient tanh' = 1 - h^2 is near 0 for all of them (makemore part 3).
-    Returns lists of length S: 'sat_097', 'sat_099' (fractions), 'dead' (unit counts),
-    'hpreact_mean', 'hpreact_std'.
+    Args:
+        h, hpreact: float32 (S, P, H) tanh outputs and pre-activations on a probe batch.
+        thresholds: |h| above a threshold counts as saturated; the largest one also
+            defines dead units and the saturation image.
+    Returns:
+        'saturated': {str(t): list of S fractions of |h| > t};
+        'dead': S counts of units saturated (|h| > max(thresholds)) on every probe
+        example, whose gradient tanh' = 1 - h^2 is then near 0 for all of them;
+        'hpreact_mean', 'hpreact_std': S floats (non-finite for a diverged model);
+        'image': bool (S, P, H), |h| > max(thresholds) (makemore part 3's white cells).
     """
     S = h.shape[0]
     a = h.abs()
+    top = max(thresholds)
     return {
-        "sat_097": (a > 0.97).float().reshape(S, -1).mean(1).tolist(),
-        "sat_099": (a > 0.99).float().reshape(S, -1).mean(1).tolist(),
-        "dead": (a > 0.99).all(dim=1).sum(1).tolist(),
+        "saturated": {
+            f"{t:g}": (a > t).float().reshape(S, -1).mean(1).tolist() for t in thresholds
+        },
+        "dead": (a > top).all(dim=1).sum(1).tolist(),
         "hpreact_mean": hpreact.reshape(S, -1).mean(1).tolist(),
         "hpreact_std": hpreact.reshape(S, -1).std(1).tolist(),
+        "image": a > top,
     }
+
+
+@torch.no_grad()
+def initial_logits(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]]:
+    """Why a model's step-0 loss is what it is: its logits on a probe batch.
+
+    Training mode, as at step 0. A model that knows nothing should predict the uniform
+    distribution, loss -ln(1/V) = ln V (makemore part 3); large logits make the softmax
+    confidently wrong instead. If W2 is N(0, s^2) and independent of h, each logit has
+    standard deviation about s * sqrt(H * mean(h^2)), reported as 'logits_std_predicted'.
+
+    Args:
+        idx: int64 (S, P, T); targets: int64 (S, P).
+    Returns:
+        Lists of S floats: 'loss' (nats), 'logits_std', 'logits_std_predicted',
+        'p_target' (mean probability of the correct character), 'p_max' (mean
+        largest probability), 'h_rms', 'w2_std'.
+    """
+    m = copy.deepcopy(model).train(True)
+    S = m.n_models
+    _, h = m.hidden(idx)
+    logits = torch.baddbmm(m.b2.unsqueeze(1), h, m.W2)  # (S, P, V)
+    probs = torch.softmax(logits.double(), dim=2)
+    h_rms = h.double().pow(2).reshape(S, -1).mean(1).sqrt()
+    w2_std = m.W2.double().reshape(S, -1).std(1)
+    H = h.shape[2]
+    return {
+        "loss": cross_entropy_per_model(logits, targets).double().tolist(),
+        "logits_std": logits.double().reshape(S, -1).std(1).tolist(),
+        "logits_std_predicted": (w2_std * h_rms * H**0.5).tolist(),
+        "p_target": probs.gather(2, targets.unsqueeze(2)).reshape(S, -1).mean(1).tolist(),
+        "p_max": probs.amax(2).mean(1).tolist(),
+        "h_rms": h_rms.tolist(),
+        "w2_std": w2_std.tolist(),
+    }
+
+
+def loss_curve(loss: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of log10(loss) over consecutive windows of steps, per model.
+
+    The lecture's ``torch.tensor(lossi).view(-1, 1000).mean(1)`` on log10 losses.
+    Args:
+        loss: (N, S) per-step minibatch loss in nats.
+        window: steps per point; a run shorter than one window gives a single point.
+    Returns:
+        steps int64 (W,), the first step of each window, and float64 (W, S) means
+        (non-finite where a model diverged inside the window).
+    """
+    N = loss.shape[0]
+    w = window if N >= window else N
+    n = N // w * w
+    means = loss[:n].double().log10().reshape(n // w, w, -1).mean(1)  # (W, S)
+    return torch.arange(0, n, w), means
 
 
 def gradients(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -62,7 +126,7 @@ def gradients(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict[str,
     m = copy.deepcopy(model).train(True)
     for p in m.parameters():
         p.grad = None
-    hpreact, h = m.hidden(idx)
+    _, h = m.hidden(idx)
     h.retain_grad()
     logits = torch.baddbmm(m.b2.unsqueeze(1), h, m.W2)  # (S, P, V)
     loss = cross_entropy_per_model(logits, targets)

@@ -3,7 +3,8 @@
 Reads params evaluate.*, ``--data`` (the split) and ``--model`` (train's directory);
 writes to ``--out`` (a directory): metrics.json (per-seed and summary split losses),
 diagnostics.pt (activations, gradients, BatchNorm statistics) and samples.json.
-Run: python -m stages.evaluate --data data/processed --model data/models/kaiming --out data/eval/kaiming
+Run: python -m stages.evaluate --data data/processed --model data/models/kaiming \
+    --out data/eval/kaiming
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from charlm.config import ModelConfig, VariantConfig
 from charlm.data import Vocabulary
 from charlm.evaluate import sample, split_loss
 from charlm.model import MLP
-from stages import io, params
+from stages import io, params, provenance
 from stages.params import EvaluateConfig
 
 PARAMS = ["evaluate"]
@@ -33,9 +34,15 @@ def load_model(checkpoint: dict, which: str = "state_dict") -> MLP:
     """Rebuild the trained (or, with ``which='init_state_dict'``, initial) models."""
     model_cfg = ModelConfig(**checkpoint["model"])
     variant = VariantConfig.model_validate(checkpoint["variant"], strict=False)
-    model = MLP(len(checkpoint["vocab"]) + 1, checkpoint["block_size"], model_cfg.n_embd,
-                model_cfg.n_hidden, n_models=len(checkpoint["seeds"]),
-                batchnorm=variant.batchnorm, momentum=variant.momentum)
+    model = MLP(
+        len(checkpoint["vocab"]) + 1,
+        checkpoint["block_size"],
+        model_cfg.n_embd,
+        model_cfg.n_hidden,
+        n_models=len(checkpoint["seeds"]),
+        batchnorm=variant.batchnorm,
+        momentum=variant.momentum,
+    )
     model.load_state_dict(checkpoint[which])
     return model
 
@@ -46,6 +53,65 @@ def summarise(values: list[float | None]) -> tuple[float | None, float | None]:
     mean = statistics.fmean(finite) if finite else None
     std = statistics.stdev(finite) if len(finite) >= 2 else None
     return mean, std
+
+
+def diagnose(
+    model: MLP,
+    init: MLP,
+    history: dict,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    splits: dict,
+    losses: dict[str, list[float]],
+    cfg: EvaluateConfig,
+) -> dict:
+    """Everything the report draws, computed here so the notebook only reads.
+
+    Returns the content of diagnostics.pt (tensors on the CPU, lists of S floats):
+    'curve' (windowed log10 training loss), 'init_loss' (step-0 loss and the logits
+    behind it), 'activations' at 'init' (the step-0 forward pass, training mode) and
+    'final' (eval mode) on the probe batch, 'gradients' at init, 'update_ratio' over
+    training, and for a BatchNorm model 'batchnorm' (running vs calibrated statistics,
+    and the split ``losses`` (eval mode, running statistics) beside those recomputed with
+    the calibrated ones).
+    """
+    probe_x, probe_y = probe
+    steps, log10_loss = diag.loss_curve(history["loss"], cfg.curve_window)
+    out: dict = {
+        "format": 2,
+        "thresholds": list(cfg.saturation),
+        "curve": {
+            "window": min(cfg.curve_window, history["loss"].shape[0]),
+            "step": steps,
+            "log10_loss": log10_loss,
+        },
+        "init_loss": {
+            "step0": history["loss"][0].double().tolist(),
+            "uniform": math.log(model.vocab_size),
+            **diag.initial_logits(init, probe_x, probe_y),
+        },
+        "activations": {},
+        "gradients": diag.gradients(init, probe_x, probe_y),
+        "update_ratio": {"step": history["record_steps"], **history["update_ratio"]},
+        "batchnorm": None,
+    }
+    for when, m in (("init", init), ("final", model)):
+        acts = diag.activations(m, probe_x, train_mode=(when == "init"))
+        summary = diag.activation_summary(acts["h"], acts["hpreact"], tuple(cfg.saturation))
+        out["activations"][when] = {**acts, **summary}
+    if model.bn is not None:
+        calibrated = diag.calibrate_batchnorm(model, splits["train"]["X"])
+        recal = diag.with_batchnorm_stats(model, calibrated["mean"], calibrated["std"])
+        out["batchnorm"] = {
+            "running_mean": model.bn.running_mean.clone(),
+            "running_std": model.bn.running_std.clone(),
+            "calibrated_mean": calibrated["mean"],
+            "calibrated_std": calibrated["std"],
+            "loss_running": losses,
+            "loss_calibrated": {
+                k: split_loss(recal, splits[k]["X"], splits[k]["Y"]).tolist() for k in SPLITS
+            },
+        }
+    return out
 
 
 def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dict:
@@ -61,37 +127,23 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
     S, seeds = model.n_models, checkpoint["seeds"]
     diverged_at = summary["diverged_at"]
 
+    losses = {k: split_loss(model, splits[k]["X"], splits[k]["Y"]).tolist() for k in SPLITS}
     per_seed: dict[str, list[float | None]] = {}
-    for k in SPLITS:
-        losses = split_loss(model, splits[k]["X"], splits[k]["Y"]).tolist()
-        per_seed[k] = [None if d is not None else v for v, d in zip(losses, diverged_at, strict=True)]
+    for k in SPLITS:  # a diverged seed has no split losses (null in the JSON)
+        per_seed[k] = [
+            None if d is not None else v for v, d in zip(losses[k], diverged_at, strict=True)
+        ]
     per_seed["init_loss"] = history["loss"][0].double().tolist()
 
     # one fixed probe batch from the training split, drawn by its own generator
     g = torch.Generator().manual_seed(cfg.probe_seed)
     pick = torch.randint(0, splits["train"]["X"].shape[0], (cfg.probe_size,), generator=g)
-    probe_x = splits["train"]["X"][pick].expand(S, -1, -1)  # (S, P, T)
-    probe_y = splits["train"]["Y"][pick].expand(S, -1)  # (S, P)
-    diagnostics: dict = {"seeds": seeds, "probe_index": pick, "diverged_at": diverged_at,
-                         "record_steps": history["record_steps"],
-                         "update_ratio": history["update_ratio"]}
-    for when, m in (("init", init), ("final", model)):
-        # at init the step-0 forward pass (training mode); after training, eval mode
-        acts = diag.activations(m, probe_x, train_mode=(when == "init"))
-        diagnostics[when] = {**acts, **diag.activation_summary(acts["h"], acts["hpreact"])}
-    diagnostics["init"]["grads"] = diag.gradients(init, probe_x, probe_y)
-
-    if model.bn is not None:
-        calibrated = diag.calibrate_batchnorm(model, splits["train"]["X"])
-        recal = diag.with_batchnorm_stats(model, calibrated["mean"], calibrated["std"])
-        diagnostics["batchnorm"] = {
-            "running_mean": model.bn.running_mean.clone(),
-            "running_std": model.bn.running_std.clone(),
-            "calibrated_mean": calibrated["mean"],
-            "calibrated_std": calibrated["std"],
-            "calibrated_loss": {k: split_loss(recal, splits[k]["X"], splits[k]["Y"]).tolist()
-                                for k in SPLITS},
-        }
+    probe = (
+        splits["train"]["X"][pick].expand(S, -1, -1),  # (S, P, T)
+        splits["train"]["Y"][pick].expand(S, -1),
+    )  # (S, P)
+    diagnostics = diagnose(model, init, history, probe, splits, losses, cfg)
+    diagnostics.update(seeds=seeds, diverged_at=diverged_at, probe_index=pick)
 
     g = torch.Generator().manual_seed(cfg.sample_seed)
     shown = sample(model, vocab, cfg.n_samples, g)
@@ -104,12 +156,17 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         "canonical": {k: per_seed[k][0] for k in ("train", "val", "test", "init_loss")},
         "mean": {},
         "std": {},
-        "per_seed": {**per_seed, "diverged_at": diverged_at},
+        "per_seed": {
+            **per_seed,
+            "diverged_at": diverged_at,
+            "diverged": [d is not None for d in diverged_at],
+        },
         "n_diverged": sum(d is not None for d in diverged_at),
         "share_samples_in_train": in_train,
         "train_seconds": summary["seconds"],
         "us_per_model_step": summary["us_per_model_step"],
         "device": summary["device"],
+        "provenance": provenance.describe(),
     }
     for k in ("train", "val", "test", "init_loss"):
         metrics["mean"][k], metrics["std"][k] = summarise(per_seed[k])
@@ -119,7 +176,8 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         (tmp / "metrics.json").write_text(io.dumps_json(metrics), encoding="utf-8")
         (tmp / "samples.json").write_text(
             io.dumps_json({"seeds": seeds, "samples": shown, "share_in_train": in_train}),
-            encoding="utf-8")
+            encoding="utf-8",
+        )
         torch.save(diagnostics, tmp / "diagnostics.pt")
     return metrics
 
@@ -133,9 +191,11 @@ def main() -> None:
     args = parser.parse_args()
     cfg = params.load(args.params, PARAMS)["evaluate"]
     m = evaluate(args.data, args.model, args.out, cfg)
-    c = m["canonical"]
-    print(f"wrote {args.out}: canonical seed train {c['train']:.4f} val {c['val']:.4f} "
-          f"test {c['test']:.4f} (step 0: {c['init_loss']:.4f})")
+    c = {k: "diverged" if v is None else f"{v:.4f}" for k, v in m["canonical"].items()}
+    print(
+        f"wrote {args.out}: canonical seed train {c['train']} val {c['val']} "
+        f"test {c['test']} (step 0: {c['init_loss']}); {m['n_diverged']} seed(s) diverged"
+    )
 
 
 if __name__ == "__main__":

@@ -50,6 +50,16 @@ class EvaluateConfig(_Strict):
     sample_seed: int = 2147483657
     n_samples: int = Field(20, ge=0)
     n_novelty: int = Field(1000, ge=0)
+    curve_window: int = Field(1000, ge=1)
+    saturation: list[float] = Field(default_factory=lambda: [0.97, 0.99], min_length=1)
+
+    @field_validator("saturation")
+    @classmethod
+    def _check_saturation(cls, v: list[float]) -> list[float]:
+        for t in v:
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"each saturation threshold must lie in (0, 1), got {t}")
+        return v
 
 
 class Reference(_Strict):
@@ -62,8 +72,6 @@ class Reference(_Strict):
 
 class ReportConfig(_Strict):
     reference: dict[str, Reference] = Field(default_factory=dict)
-    curve_window: int = Field(1000, ge=1)
-    saturation: float = Field(0.99, gt=0.0, lt=1.0)
 
 
 class Params(_Strict):

@@ -1,9 +1,11 @@
 """Gather every variant's results and render the HTML report.
 
-Reads params (all sections: the report shows them), ``--eval`` and ``--models`` (one
-subdirectory per variant); writes ``--metrics`` (reports/metrics.json, the DVC metrics),
-``--notebook`` (the executed notebook) and ``--html`` (the report, code hidden).
-Run: python -m stages.report --eval data/eval --models data/models --data data/processed \
+Reads params (all sections: the report shows them), ``--eval`` (one subdirectory per
+variant, written by the evaluate stage) and ``--data`` (counts.json); writes
+``--metrics`` (reports/metrics.json, the DVC metrics), ``--notebook`` (the executed
+notebook) and ``--html`` (the report: code hidden, figures embedded as PNG, no script
+or font fetched from the network, byte-identical when rerun on the same inputs).
+Run: python -m stages.report --eval data/eval --data data/processed \
     --metrics reports/metrics.json --notebook reports/report.ipynb --html reports/report.html
 """
 
@@ -11,18 +13,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import nbformat
 import papermill
+from jinja2 import DictLoader
 from nbconvert import HTMLExporter
 
 from stages import io, params
 
 PARAMS = ["data", "split", "model", "train", "evaluate", "variants", "report"]
+ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("report_template.ipynb")
 START_TIMEOUT = 120  # seconds for the kernel to start
 CELL_TIMEOUT = 600  # seconds per cell
+
+# nbconvert's lab template, minus everything it would load from a CDN: require.js,
+# MathJax and mermaid.js (the report has no widgets, maths or diagrams). Its CSS is
+# inlined by nbconvert itself; figures are PNG data URIs.
+HTML_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+# papermill metadata that changes on every run (times, temporary paths, environment)
+VOLATILE = (
+    "start_time",
+    "end_time",
+    "duration",
+    "input_path",
+    "output_path",
+    "environment_variables",
+    "exception",
+)
+
+
+class ReportError(ValueError):
+    """The report notebook failed (a cell raised, timed out, or the kernel did not start)."""
 
 
 def gather(eval_dir: Path, variants: list[str]) -> dict:
@@ -40,35 +68,115 @@ def gather(eval_dir: Path, variants: list[str]) -> dict:
     return out
 
 
+def make_deterministic(nb: nbformat.NotebookNode) -> None:
+    """Drop what differs between two executions of the same inputs, in place.
+
+    Papermill's timings and temporary paths, nbclient's execution timestamps, and the
+    random id papermill gives the cell it injects.
+    """
+    meta = nb.metadata.get("papermill", {})
+    for key in VOLATILE:
+        meta.pop(key, None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.id = "injected-parameters"
+
+
+def to_html(nb: nbformat.NotebookNode) -> str:
+    """The notebook as one self-contained HTML page without code or stderr output."""
+    nb = nbformat.from_dict(nb)  # a copy
+    for cell in nb.cells:  # warnings (e.g. a font cache being built) are not the report
+        if cell.cell_type == "code":
+            cell.outputs = [
+                o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")
+            ]
+    exporter = HTMLExporter(
+        template_name="lab",
+        template_file="charlm_report.html.j2",
+        extra_loaders=[DictLoader({"charlm_report.html.j2": HTML_TEMPLATE})],
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+    )
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": "report"}})
+    return body
+
+
+def _failure(e: Exception) -> ReportError:
+    if isinstance(e, papermill.PapermillExecutionError):
+        first = (e.source or "").strip().splitlines()
+        where = f"cell {e.exec_count}" + (f" ({first[0][:60]!r})" if first else "")
+        return ReportError(
+            f"the report notebook failed in {where}: {e.ename}: {e.evalue}; "
+            f"no report was written (CHARLM_TRACEBACK=1 shows the traceback)"
+        )
+    if isinstance(e, TimeoutError):
+        return ReportError(f"the report notebook timed out ({e}); no report was written")
+    return ReportError(f"the report kernel failed ({type(e).__name__}: {e}); no report was written")
+
+
 def render(notebook_in: Path, notebook_out: Path, html_out: Path, parameters: dict) -> None:
     """Execute ``notebook_in`` with papermill and export it to HTML without code.
 
-    Raises papermill.PapermillExecutionError when a cell fails; nothing is written then.
+    The kernel runs in the current directory with this repository importable
+    (``stages.report_stats``/``report_figures``). Both outputs are written atomically.
+
+    Raises:
+        ReportError: a cell raised or exceeded CELL_TIMEOUT, or the kernel did not
+            start within START_TIMEOUT; neither output is written then.
     """
-    with io.atomic_path(notebook_out) as nb_tmp, io.atomic_path(html_out) as html_tmp:
-        papermill.execute_notebook(
-            str(notebook_in), str(nb_tmp), parameters=parameters, kernel_name="python3",
-            start_timeout=START_TIMEOUT, execution_timeout=CELL_TIMEOUT, progress_bar=False,
-            cwd=str(Path.cwd()),
-        )
-        nb = nbformat.read(nb_tmp, as_version=4)
-        exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
-                                exclude_output_prompt=True)
-        body, _ = exporter.from_notebook_node(nb)
-        html_tmp.write_text(body, encoding="utf-8")
+    path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    try:
+        with io.atomic_path(notebook_out) as nb_tmp, io.atomic_path(html_out) as html_tmp:
+            try:
+                papermill.execute_notebook(
+                    str(notebook_in),
+                    str(nb_tmp),
+                    parameters=parameters,
+                    kernel_name="python3",
+                    start_timeout=START_TIMEOUT,
+                    execution_timeout=CELL_TIMEOUT,
+                    progress_bar=False,
+                    cwd=str(Path.cwd()),
+                )
+            except (papermill.PapermillExecutionError, TimeoutError, RuntimeError) as e:
+                raise _failure(e) from e
+            nb = nbformat.read(nb_tmp, as_version=4)
+            make_deterministic(nb)
+            nbformat.write(nb, nb_tmp)
+            html_tmp.write_text(to_html(nb), encoding="utf-8")
+    finally:
+        if path:
+            os.environ["PYTHONPATH"] = path
+        else:
+            os.environ.pop("PYTHONPATH", None)
 
 
-def report(params_path: Path, eval_dir: Path, models_dir: Path, data_dir: Path,
-           metrics: Path, notebook: Path, html: Path, variants: list[str]) -> dict:
+def report(
+    params_path: Path,
+    eval_dir: Path,
+    data_dir: Path,
+    metrics: Path,
+    notebook: Path,
+    html: Path,
+    variants: list[str],
+) -> dict:
     """Do the work; returns the metrics written to ``metrics``."""
     summary = gather(eval_dir, variants)
-    render(TEMPLATE, notebook, html, {
-        "params_path": str(params_path),
-        "eval_dir": str(eval_dir),
-        "models_dir": str(models_dir),
-        "data_dir": str(data_dir),
-        "variants": variants,
-    })
+    render(
+        TEMPLATE,
+        notebook,
+        html,
+        {
+            "params_path": str(params_path),
+            "eval_dir": str(eval_dir),
+            "data_dir": str(data_dir),
+            "variants": variants,
+        },
+    )
     io.write_json(metrics, summary)
     return summary
 
@@ -76,13 +184,12 @@ def report(params_path: Path, eval_dir: Path, models_dir: Path, data_dir: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    for name in ("eval", "models", "data", "metrics", "notebook", "html"):
+    for name in ("eval", "data", "metrics", "notebook", "html"):
         parser.add_argument(f"--{name}", type=Path, required=True)
     args = parser.parse_args()
     p = params.load(args.params, PARAMS)
     variants = list(p["variants"])
-    report(args.params, args.eval, args.models, args.data, args.metrics, args.notebook,
-           args.html, variants)
+    report(args.params, args.eval, args.data, args.metrics, args.notebook, args.html, variants)
     print(f"wrote {args.metrics} and {args.html}")
 
 

@@ -1,0 +1,381 @@
+"""Figures and HTML pieces of the report (seaborn on matplotlib's Agg backend).
+
+Every figure function takes what the evaluate stage wrote and returns ``(figure or
+None, notes)``: a panel that cannot be drawn (no finite value, an all-zero gradient, a
+diverged seed) is left blank with a short text in it, and a ``Note`` under the figure
+says why ("Not drawn: ..."), or which points were left out ("Note: ..."), so degenerate
+inputs still give a complete page. Nothing here is
+random except seaborn's strip-plot jitter, which is seeded.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.figure import Figure
+
+from stages.report_stats import SPLITS, Inputs, first_good_seed, fmt, fmt_mean_std
+
+
+@dataclass(frozen=True)
+class Note:
+    """Text shown under a figure: a panel not drawn, or points left out of one."""
+
+    text: str
+    drawn: bool = False  # True: the figure is there, only some points are missing
+
+
+Drawn = tuple[Figure | None, list[Note]]
+H_BINS = np.linspace(-1.0, 1.0, 51)  # tanh outputs lie in [-1, 1]
+
+
+def setup() -> None:
+    """Plot style and PNG output with fixed metadata (no timestamps in PNG anyway)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    plt.rcParams.update({"figure.dpi": 80, "savefig.dpi": 80, "svg.hashsalt": "charlm"})
+
+
+def note_html(note: Note | str) -> str:
+    """A visible note where a figure or a panel could not be drawn (or is partial)."""
+    note = Note(note) if isinstance(note, str) else note
+    label = "Note:" if note.drawn else "Not drawn:"
+    return f'<p class="figure-note"><strong>{label}</strong> {html.escape(note.text)}</p>'
+
+
+def table_html(rows: list[dict] | pd.DataFrame, digits: int = 4) -> str:
+    """An HTML table; floats with ``digits`` decimals, missing values as '–'."""
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    return df.to_html(
+        index=False,
+        na_rep="–",
+        border=0,
+        classes="report-table",
+        float_format=lambda x: f"{x:.{digits}f}",
+    )
+
+
+def _blank(ax, text: str) -> None:
+    ax.set_axis_off()
+    ax.text(
+        0.5,
+        0.5,
+        "not drawn:\n" + text,
+        ha="center",
+        va="center",
+        wrap=True,
+        transform=ax.transAxes,
+        fontsize=9,
+        color="0.3",
+    )
+
+
+def _finite_np(x: torch.Tensor | list) -> np.ndarray:
+    a = np.asarray(x.detach().double().cpu() if isinstance(x, torch.Tensor) else x, float)
+    return a[np.isfinite(a)]
+
+
+# ---- training loss ------------------------------------------------------------------
+
+
+def loss_curves(inputs: Inputs) -> Drawn:
+    """log10 training loss per window: canonical seed, and mean ± sd band across seeds."""
+    frames, notes = [], []
+    for v in inputs.variants:
+        c = inputs.diagnostics[v]["curve"]
+        y = c["log10_loss"].double().numpy()  # (W, S)
+        W, S = y.shape
+        frames.append(pd.DataFrame({
+            "step": np.repeat(c["step"].numpy(), S), "seed": np.tile(np.arange(S), W),
+            "log10 loss": y.reshape(-1), "variant": v,
+        }))  # fmt: skip
+        if not np.isfinite(y).all():
+            bad = int((~np.isfinite(y).all(0)).sum())
+            notes.append(
+                Note(
+                    f"{v}: {bad} seed(s) have non-finite windows (divergence); "
+                    f"those points are left out.",
+                    drawn=True,
+                )
+            )
+    df = pd.concat(frames, ignore_index=True).replace([np.inf, -np.inf], np.nan).dropna()
+    if df.empty:
+        return None, [*notes, Note("no finite training loss in any variant.")]
+    window = inputs.diagnostics[inputs.variants[0]]["curve"]["window"]
+    marker = "o" if df["step"].nunique() < 5 else None
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
+    canon = df[df["seed"] == 0]
+    if canon.empty:
+        _blank(axes[0], "the canonical seed diverged everywhere")
+    else:
+        sns.lineplot(
+            data=canon,
+            x="step",
+            y="log10 loss",
+            hue="variant",
+            marker=marker,
+            hue_order=inputs.variants,
+            ax=axes[0],
+        )
+        axes[0].set_title("canonical seed (the lecture's run)")
+    sns.lineplot(
+        data=df,
+        x="step",
+        y="log10 loss",
+        hue="variant",
+        errorbar="sd",
+        estimator="mean",
+        marker=marker,
+        hue_order=inputs.variants,
+        ax=axes[1],
+    )
+    axes[1].set_title("mean over seeds, band = ±1 sd across seeds")
+    uniform = math.log10(math.log(inputs.counts["vocab_size"]))
+    for ax in axes:
+        if ax.has_data():
+            ax.axhline(uniform, ls=":", c="0.4", lw=1)
+    fig.suptitle(
+        f"training loss: mean of log10(minibatch loss) over windows of {window} steps "
+        f"(dotted: log10 ln {inputs.counts['vocab_size']})",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return fig, notes
+
+
+def seed_points(inputs: Inputs) -> Drawn:
+    """Per-seed split losses as points (strip plot) with the published value marked."""
+    reference = (inputs.params.get("report") or {}).get("reference") or {}
+    rows, notes = [], []
+    for v in inputs.variants:
+        ps = inputs.metrics[v]["per_seed"]
+        for k in SPLITS:
+            for i, x in enumerate(ps[k]):
+                if x is not None and math.isfinite(x):
+                    rows.append({"variant": v, "split": k, "seed": i, "loss": x})
+        if inputs.metrics[v]["n_diverged"]:
+            notes.append(
+                Note(
+                    f"{v}: {inputs.metrics[v]['n_diverged']} diverged seed(s) have "
+                    f"no split losses and are not shown.",
+                    drawn=True,
+                )
+            )
+    if not rows:
+        return None, [*notes, Note("no finite split loss in any variant.")]
+    df = pd.DataFrame(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    np.random.seed(0)  # seaborn's jitter draws from numpy's global generator
+    for ax, k in zip(axes, SPLITS, strict=True):
+        sub = df[df["split"] == k]
+        sns.stripplot(
+            data=sub,
+            x="variant",
+            y="loss",
+            hue="variant",
+            order=inputs.variants,
+            hue_order=inputs.variants,
+            jitter=0.15,
+            size=6,
+            legend=False,
+            ax=ax,
+        )
+        for j, v in enumerate(inputs.variants):
+            ref = (reference.get(v) or {}).get(k)
+            if ref is not None:
+                ax.plot(
+                    [j - 0.35, j + 0.35],
+                    [ref, ref],
+                    c="crimson",
+                    lw=2,
+                    label="published" if j == 0 or not ax.get_legend_handles_labels()[0] else None,
+                )
+        ax.set_title(f"{k} loss per seed")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig, notes
+
+
+# ---- activations ----------------------------------------------------------------------
+
+
+def activation_figure(inputs: Inputs, v: str) -> Drawn:
+    """Histogram of h and the saturation image, at init and after training (one seed)."""
+    d = inputs.diagnostics[v]["activations"]
+    top = max(inputs.diagnostics[v]["thresholds"])
+    seed = first_good_seed(inputs, v)
+    notes = []
+    fig, axes = plt.subplots(
+        1, 4, figsize=(15, 3.1), gridspec_kw={"width_ratios": [1, 1.5, 1, 1.5]}
+    )
+    for k, when in enumerate(("init", "final")):
+        s = 0 if (when == "init" or seed is None) else seed
+        h = d[when]["h"][s]  # (P, H)
+        vals = _finite_np(h)
+        ax_h, ax_i = axes[2 * k], axes[2 * k + 1]
+        if vals.size == 0:
+            msg = f"{v}, {when}: no finite activation (seed {s} diverged)"
+            _blank(ax_h, msg)
+            _blank(ax_i, msg)
+            notes.append(Note(msg + "."))
+            continue
+        sns.histplot(vals, bins=H_BINS, stat="density", ax=ax_h)
+        ax_h.set_title(f"h at {when} (seed #{s})", fontsize=10)
+        ax_h.set_xlim(-1, 1)
+        img = d[when]["image"][s].numpy()
+        ax_i.imshow(img, cmap="gray", interpolation="nearest", aspect="auto", vmin=0, vmax=1)
+        dead = int(img.all(0).sum())
+        ax_i.set_title(
+            f"|h| > {top:g} at {when}: {img.mean():.1%} white, {dead} dead unit(s)", fontsize=10
+        )
+        ax_i.set_xlabel("hidden unit")
+        ax_i.set_ylabel("probe example")
+        ax_i.grid(False)
+    fig.suptitle(v, x=0.01, ha="left", fontsize=12, fontweight="bold")
+    fig.tight_layout()
+    return fig, notes
+
+
+# ---- gradients ------------------------------------------------------------------------
+
+
+def gradient_hist(inputs: Inputs) -> Drawn:
+    """Histogram of dloss/dh at init on the probe batch, one panel per variant."""
+    vs = inputs.variants
+    fig, axes = plt.subplots(1, len(vs), figsize=(4.4 * len(vs), 3.2), squeeze=False)
+    notes = []
+    for ax, v in zip(axes[0], vs, strict=True):
+        dh = inputs.diagnostics[v]["gradients"]["dh"][0]
+        vals = _finite_np(dh)
+        if vals.size == 0:
+            _blank(ax, f"{v}: no finite gradient")
+            notes.append(Note(f"{v}: the gradient at h has no finite value."))
+        elif not np.any(vals):
+            _blank(ax, f"{v}: the gradient at h is exactly 0")
+            notes.append(
+                Note(
+                    f"{v}: the gradient at h is exactly zero on every example and "
+                    f"unit (e.g. W2 = 0 blocks it), so there is no distribution to "
+                    f"draw."
+                )
+            )
+        else:
+            sns.histplot(vals, bins=50, stat="density", ax=ax)
+            ax.set_title(f"{v}: dloss/dh at init (std {vals.std():.2e})", fontsize=10)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
+    fig.tight_layout()
+    return fig, notes
+
+
+def gradient_rows(inputs: Inputs) -> list[dict]:
+    """Per variant and weight matrix: grad mean, std and grad:data std ratio at init."""
+    rows = []
+    for v in inputs.variants:
+        g = inputs.diagnostics[v]["gradients"]
+        for w in ("C", "W1", "W2"):
+            ratio = g[f"{w}.ratio"].double()
+            rows.append({
+                "variant": v, "weight": w,
+                "grad mean (seed 0)": f"{float(g[f'{w}.mean'][0]):+.3e}",
+                "grad std (seed 0)": f"{float(g[f'{w}.std'][0]):.3e}",
+                "grad:data (seed 0)": fmt(float(ratio[0]), 4),
+                "grad:data over seeds": fmt_mean_std(ratio.tolist(), 4),
+            })  # fmt: skip
+    return rows
+
+
+def update_ratio_figure(inputs: Inputs) -> Drawn:
+    """log10(std(lr*grad)/std(param)) per weight over training, with the 1e-3 guide."""
+    vs = inputs.variants
+    fig, axes = plt.subplots(1, len(vs), figsize=(4.6 * len(vs), 3.4), squeeze=False)
+    notes = []
+    for ax, v in zip(axes[0], vs, strict=True):
+        ur = inputs.diagnostics[v]["update_ratio"]
+        steps = ur["step"].numpy()
+        frames = []
+        for w in ("C", "W1", "W2"):
+            y = ur[w].double().numpy()  # (R, S)
+            S = y.shape[1]
+            frames.append(
+                pd.DataFrame(
+                    {"step": np.repeat(steps, S), "log10 ratio": y.reshape(-1), "weight": w}
+                )
+            )
+        df = pd.concat(frames, ignore_index=True)
+        bad = ~np.isfinite(df["log10 ratio"].to_numpy())
+        df = df[~bad]
+        if df.empty:
+            _blank(ax, f"{v}: no finite update ratio")
+            notes.append(
+                Note(
+                    f"{v}: no update:data ratio is finite (a zero update gives "
+                    f"log10 0 = -inf, a diverged seed NaN)."
+                )
+            )
+            continue
+        if bad.any():
+            notes.append(
+                Note(
+                    f"{v}: {int(bad.sum())} of {bad.size} records are not finite "
+                    f"(a zero update gives log10 0 = -inf; a diverged seed gives "
+                    f"NaN) and are left out.",
+                    drawn=True,
+                )
+            )
+        sns.lineplot(
+            data=df,
+            x="step",
+            y="log10 ratio",
+            hue="weight",
+            errorbar="sd",
+            marker="o" if len(steps) < 5 else None,
+            ax=ax,
+        )
+        ax.axhline(-3, ls="--", c="k", lw=1, label="1e-3 guide")
+        ax.set_title(f"{v}: update:data ratio (mean ± sd over seeds)", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, notes
+
+
+# ---- BatchNorm ------------------------------------------------------------------------
+
+
+def batchnorm_figure(inputs: Inputs, v: str) -> Drawn:
+    """Running vs calibrated per-unit mean and std (every seed), with the y = x line."""
+    bn = inputs.diagnostics[v]["batchnorm"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    notes = []
+    for ax, stat in zip(axes, ("mean", "std"), strict=True):
+        run, cal = bn[f"running_{stat}"].double(), bn[f"calibrated_{stat}"].double()
+        S = run.shape[0]
+        df = pd.DataFrame(
+            {
+                "calibrated": cal.reshape(-1).numpy(),
+                "running": run.reshape(-1).numpy(),
+                "seed": np.repeat(np.arange(S), run.shape[1]).astype(str),
+            }
+        )
+        df = df.replace([np.inf, -np.inf], np.nan).dropna()
+        if df.empty:
+            _blank(ax, f"no finite {stat}")
+            notes.append(Note(f"{v}: no finite BatchNorm {stat} (diverged)."))
+            continue
+        sns.scatterplot(
+            data=df, x="calibrated", y="running", hue="seed", s=12, alpha=0.7, legend=False, ax=ax
+        )
+        lo, hi = (
+            float(df[["calibrated", "running"]].min().min()),
+            float(df[["calibrated", "running"]].max().max()),
+        )
+        ax.plot([lo, hi], [lo, hi], c="k", lw=1, ls=":")
+        ax.set_title(f"{v}: per-unit {stat}, running vs calibrated (all seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig, notes

@@ -1,0 +1,349 @@
+"""The HTML report: statistics, self-containment, determinism, degenerate inputs.
+
+Unit tests check the numbers and sentences the report is made of (the Student-t
+quantile two ways, paired intervals, verdicts) and the HTML export. Integration tests
+run the tiny pipeline once in a repository copy, open the report in headless Chromium
+(Debian's ``chromium``, driven over the DevTools protocol), rerun the report stage and
+compare bytes, and feed it degenerate diagnostics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from conftest import TINY, deep_update, make_repo, run
+
+from charlm.diagnostics import activation_summary
+from stages import io, report, report_stats
+from stages.evaluate import summarise
+
+SECTIONS = (
+    "This run", "Split losses beside the published numbers", "Across seeds",
+    "Paired comparisons of the validation loss", "Training loss", "Loss at step 0",
+    "Hidden activations on a fixed probe batch", "Gradients at initialisation",
+    "Update:data ratio over training", "BatchNorm: running statistics vs calibrated ones",
+    "Samples", "Parameters used",
+)  # fmt: skip
+# windows of 50 steps so that the 300-step tiny run draws lines, not single points
+TINY_REPORT = deep_update(TINY, {"evaluate": {"curve_window": 50}})
+
+
+# ---- unit: statistics and sentences ---------------------------------------------------
+
+# t_{0.975, df} from the printed table (NIST/SEMATECH e-Handbook, 1.3.6.7.2), 3 decimals
+T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 7: 2.365, 10: 2.228, 30: 2.042, 100: 1.984}
+
+
+@pytest.mark.parametrize("df", sorted(T_TABLE))
+def test_t_quantile_matches_the_printed_table(df):
+    assert report_stats.t_quantile(0.975, df) == pytest.approx(T_TABLE[df], abs=5e-4)
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 12])
+def test_t_mass_matches_numerical_integration_of_the_density(df):
+    """Closed form (A&S 26.7.3-4) vs Simpson's rule on the Student-t density."""
+    t = 2.1
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def pdf(x):
+        return c * (1 + x * x / df) ** (-(df + 1) / 2)
+
+    n = 2000  # even
+    h = 2 * t / n
+    simpson = pdf(-t) + pdf(t) + sum((4 if i % 2 else 2) * pdf(-t + i * h) for i in range(1, n))
+    assert report_stats.t_two_sided_mass(t, df) == pytest.approx(simpson * h / 3, abs=1e-10)
+
+
+def test_t_quantile_tends_to_the_normal_quantile():
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.975)
+    assert report_stats.t_quantile(0.975, 100_000) == pytest.approx(z, abs=1e-4)
+
+
+def test_paired_difference_skips_missing_pairs_and_builds_the_t_interval():
+    a = [2.10, 2.12, None, 2.11, float("nan")]
+    b = [2.00, 2.03, 2.05, 2.00, 2.01]
+    c = report_stats.paired_difference(a, b, "a", "b")
+    d = [0.10, 0.09, 0.11]
+    mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    half = 4.302652729749 * sd / math.sqrt(3)
+    assert c.n == 3
+    assert c.mean == pytest.approx(mean)
+    assert c.sd == pytest.approx(sd)
+    assert (c.lo, c.hi) == pytest.approx((mean - half, mean + half), abs=1e-9)
+    assert "b beats a by 0.1000" in report_stats.verdict(c, 0.01, 0.02)
+    assert "larger than the seed-to-seed sd (0.0200)" in report_stats.verdict(c, 0.01, 0.02)
+
+
+def test_verdicts_when_the_interval_includes_zero_or_is_missing():
+    c = report_stats.paired_difference([1.0, 2.0, 3.0], [1.1, 1.9, 3.05])
+    assert "no clear difference" in report_stats.verdict(c, 1.0, 1.0)
+    one = report_stats.paired_difference([1.0, None], [2.0, 2.0])
+    assert one.n == 1 and one.lo is None
+    assert "needs at least two" in report_stats.verdict(one, None, None)
+    none = report_stats.paired_difference([None], [float("inf")])
+    assert "no comparison" in report_stats.verdict(none, None, None)
+
+
+def test_mean_std_formatting_of_missing_values():
+    assert report_stats.fmt_mean_std([None, float("nan")]) == "– (no finite value)"
+    assert report_stats.fmt_mean_std([1.0, None]) == "1.0000 (n = 1)"
+    assert report_stats.fmt_mean_std([1.0, 3.0], 2) == "2.00 ± 1.41 (n = 2)"
+
+
+# ---- unit: HTML export ----------------------------------------------------------------
+
+
+def test_html_export_loads_nothing_from_the_network():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# title $x$")])
+    page = report.to_html(nb)
+    assert "<script src=" not in page
+    assert "cdnjs" not in page and "unpkg" not in page and "mathjax" not in page.lower()
+    assert 'href="http' not in page and "@import" not in page
+    assert "<title>report</title>" in page
+
+
+def test_make_deterministic_drops_times_paths_and_random_ids():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    nb.cells[0].metadata = {
+        "tags": ["injected-parameters"],
+        "papermill": {"start_time": "now"},
+        "execution": {"iopub.status.idle": "now"},
+    }
+    nb.metadata["papermill"] = {
+        "start_time": "t",
+        "end_time": "t",
+        "duration": 1.0,
+        "input_path": "/tmp/a",
+        "output_path": "/tmp/b",
+        "parameters": {"x": 1},
+    }
+    report.make_deterministic(nb)
+    assert nb.cells[0].id == "injected-parameters"
+    assert nb.cells[0].metadata == {"tags": ["injected-parameters"]}
+    assert nb.metadata["papermill"] == {"parameters": {"x": 1}}
+
+
+# ---- integration: the tiny pipeline's report ------------------------------------------
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """headless.visit, or a skip (a failure in CI) when Chromium or CDP is missing."""
+    try:
+        import websocket  # noqa: F401  (websocket-client)
+    except ImportError:
+        _require(False, "websocket-client is not installed")
+    import headless
+
+    _require(
+        headless.chromium_binary() is not None,
+        "chromium not found: apt-get install chromium (Debian)",
+    )
+    return headless.visit
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, names_path: Path):
+    """A repository copy after one tiny ``dvc repro``, with its environment."""
+    env = {
+        "NAMES_MIRROR": str(names_path),
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }
+    root = make_repo(tmp_path_factory.mktemp("report") / "repo", TINY_REPORT)
+    run(["dvc", "repro"], cwd=root, env=env)
+    return root, env
+
+
+def render_cli(root: Path, eval_dir: Path, out: Path, check: bool = True):
+    """Run the report stage by hand on ``eval_dir``, writing into ``out``."""
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "stages.report",
+            "--eval",
+            str(eval_dir),
+            "--data",
+            "data/processed",
+            "--metrics",
+            str(out / "metrics.json"),
+            "--notebook",
+            str(out / "report.ipynb"),
+            "--html",
+            str(out / "report.html"),
+        ],
+        cwd=root,
+        check=check,
+        env={"CHARLM_TRACEBACK": ""},
+    )
+
+
+def assert_complete_page(visit) -> None:
+    assert visit.loaded
+    for heading in SECTIONS:
+        assert heading in visit.text, f"section {heading!r} missing"
+    assert "Traceback" not in visit.text
+    assert visit.images, "no figure at all"
+    for img in visit.images:
+        assert img["complete"] and img["natural_w"] > 0 and img["natural_h"] > 0, img
+        assert img["w"] > 0 and img["h"] > 0, img
+        assert img["src"].startswith("data:image/png;base64,"), img
+    assert visit.console_errors == []
+    remote = [u for u in visit.requests if not u.startswith(("file:", "data:"))]
+    assert remote == [], f"the page made network requests: {remote}"
+
+
+@pytest.mark.integration
+def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
+    root, _ = tiny
+    page = root / "reports" / "report.html"
+    text = page.read_text(encoding="utf-8")
+    assert "<script src=" not in text and 'href="http' not in text
+    visit = browser(page)
+    assert_complete_page(visit)
+    # 2 figures (seeds, curves) + 3 activation figures + gradients + update ratio + BN
+    assert len(visit.images) == 8
+    assert "reaches the lowest mean validation loss" in visit.text.split("This run")[0]
+    assert "Not drawn" not in visit.text
+    metrics = (root / "reports" / "metrics.json").read_text(encoding="utf-8")
+    json.loads(metrics, parse_constant=lambda t: pytest.fail(f"non-finite {t} in metrics"))
+
+
+@pytest.mark.integration
+def test_browser_check_sees_network_requests_and_console_errors(tmp_path, browser):
+    """The checker itself: a page that fetches and logs an error is caught."""
+    page = tmp_path / "bad.html"
+    page.write_text(
+        '<html><body><img src="http://127.0.0.1:9/x.png">'
+        '<script>console.error("boom")</script></body></html>'
+    )
+    visit = browser(page)
+    assert "http://127.0.0.1:9/x.png" in visit.requests
+    assert any("boom" in e for e in visit.console_errors)
+
+
+@pytest.mark.integration
+def test_report_rerun_is_byte_identical_even_after_a_commit(tiny):
+    root, env = tiny
+    outs = [root / "reports" / n for n in ("report.html", "report.ipynb", "metrics.json")]
+    before = [p.read_bytes() for p in outs]
+    # a new commit changes HEAD but no input of the report: the revision it shows was
+    # recorded by the evaluate stage, so the page must not change
+    run("git add -A && git commit -qm 'lock and metrics'", cwd=root, env=env)
+    proc = run(["dvc", "repro", "--force", "--single-item", "report"], cwd=root, env=env)
+    assert "Running stage 'report'" in proc.stdout + proc.stderr
+    for p, b in zip(outs, before, strict=True):
+        assert p.read_bytes() == b, f"{p.name} changed on rerun"
+
+
+def make_degenerate(src: Path, dst: Path) -> None:
+    """Copy evaluate's outputs and break them the ways a real run can.
+
+    naive: an all-zero gradient at init (as when W2 = 0), so every update ratio is
+    log10(0) = -inf; kaiming: hidden unit 0 saturated on every probe example, at init
+    and after training (a dead unit); batchnorm: the canonical seed diverged at step
+    150, so its split losses are null and its diagnostics NaN.
+    """
+    shutil.copytree(src, dst)
+    path = dst / "naive" / "diagnostics.pt"
+    d = torch.load(path)
+    for t in d["gradients"].values():
+        t.zero_()
+    for w in ("C", "W1", "W2"):
+        d["update_ratio"][w].fill_(-math.inf)
+    torch.save(d, path)
+
+    path = dst / "kaiming" / "diagnostics.pt"
+    d = torch.load(path)
+    for when in ("init", "final"):
+        acts = d["activations"][when]
+        acts["h"][:, :, 0] = 1.0
+        acts["hpreact"][:, :, 0] = 50.0
+        acts.update(activation_summary(acts["h"], acts["hpreact"], tuple(d["thresholds"])))
+    torch.save(d, path)
+
+    m = json.loads((dst / "batchnorm" / "metrics.json").read_text(encoding="utf-8"))
+    m["per_seed"]["diverged_at"][0] = 150
+    m["n_diverged"] = 1
+    for k in ("train", "val", "test"):
+        m["per_seed"][k][0] = None
+        m["canonical"][k] = None
+        m["mean"][k], m["std"][k] = summarise(m["per_seed"][k])
+    m["share_samples_in_train"][0] = None
+    (dst / "batchnorm" / "metrics.json").write_text(io.dumps_json(m), encoding="utf-8")
+    s = json.loads((dst / "batchnorm" / "samples.json").read_text(encoding="utf-8"))
+    s["share_in_train"][0] = None
+    (dst / "batchnorm" / "samples.json").write_text(io.dumps_json(s), encoding="utf-8")
+    path = dst / "batchnorm" / "diagnostics.pt"
+    d = torch.load(path)
+    d["diverged_at"][0] = 150
+    d["curve"]["log10_loss"][d["curve"]["step"] >= 150, 0] = math.nan
+    acts = d["activations"]["final"]
+    acts["h"][0], acts["hpreact"][0] = math.nan, math.nan
+    acts.update(activation_summary(acts["h"], acts["hpreact"], tuple(d["thresholds"])))
+    for w in ("C", "W1", "W2"):
+        d["update_ratio"][w][d["update_ratio"]["step"] >= 150, 0] = math.nan
+    for key in ("running_mean", "running_std"):
+        d["batchnorm"][key][0] = math.nan
+    for losses in (d["batchnorm"]["loss_running"], d["batchnorm"]["loss_calibrated"]):
+        for k in losses:
+            losses[k][0] = math.nan
+    torch.save(d, path)
+
+
+@pytest.mark.integration
+def test_report_on_degenerate_diagnostics_is_complete_with_notes(tiny, tmp_path, browser):
+    root, _ = tiny
+    make_degenerate(root / "data" / "eval", tmp_path / "eval")
+    render_cli(root, tmp_path / "eval", tmp_path)
+    visit = browser(tmp_path / "report.html")
+    assert_complete_page(visit)
+    text = visit.text
+    assert "Not drawn: naive: the gradient at h is exactly zero" in text
+    assert "Not drawn: naive: no update:data ratio is finite" in text
+    assert "Note: batchnorm: 1 diverged seed(s) have no split losses" in text
+    assert "kaiming 1 → 1" in text  # the dead unit, at init and after training
+    assert "no value (diverged)" in text  # batchnorm's canonical seed vs the reference
+    metrics = json.loads(
+        (tmp_path / "metrics.json").read_text(encoding="utf-8"),
+        parse_constant=lambda t: pytest.fail(f"non-finite {t}"),
+    )
+    assert metrics["batchnorm"]["val"] is None and metrics["batchnorm"]["n_diverged"] == 1
+
+
+@pytest.mark.integration
+def test_report_stage_fails_cleanly_when_a_cell_fails(tiny, tmp_path):
+    root, _ = tiny
+    shutil.copytree(root / "data" / "eval", tmp_path / "eval")
+    path = tmp_path / "eval" / "kaiming" / "diagnostics.pt"
+    d = torch.load(path)
+    del d["gradients"]  # the gradients cell raises KeyError
+    torch.save(d, path)
+    out = tmp_path / "out"
+    proc = render_cli(root, tmp_path / "eval", out, check=False)
+    assert proc.returncode == 1
+    assert "error: the report notebook failed in cell" in proc.stderr
+    assert "KeyError" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "report.html").exists() and not (out / "report.ipynb").exists()
+    assert not (out / "metrics.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")] if out.exists() else True
