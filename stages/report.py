@@ -140,6 +140,8 @@ def render(notebook_in: Path, notebook_out: Path, html_out: Path, parameters: di
                     start_timeout=START_TIMEOUT,
                     execution_timeout=CELL_TIMEOUT,
                     progress_bar=False,
+                    # the kernel's own log (not cell output): keep its TCP notice quiet
+                    extra_arguments=["--IPKernelApp.log_level=ERROR"],
                     cwd=str(Path.cwd()),
                 )
             except (papermill.PapermillExecutionError, TimeoutError, RuntimeError) as e:

@@ -284,6 +284,8 @@ def make_degenerate(src: Path, dst: Path) -> None:
 
     m = json.loads((dst / "batchnorm" / "metrics.json").read_text(encoding="utf-8"))
     m["per_seed"]["diverged_at"][0] = 150
+    if "diverged" in m["per_seed"]:
+        m["per_seed"]["diverged"][0] = True
     m["n_diverged"] = 1
     for k in ("train", "val", "test"):
         m["per_seed"][k][0] = None
