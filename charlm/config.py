@@ -1,8 +1,11 @@
 """Typed, validated configuration of the model, one variant and the training run.
 
 These pydantic models are what the stages build from params.yaml and hand to the
-library; they read no files. Unknown keys are rejected (``extra='forbid'``) and every
-field is strictly typed, so a typo or a wrong type fails with the key's name.
+library; they read no files. Unknown keys are rejected (``extra='forbid'``), every
+field is strictly typed (an int is accepted where a float is expected, not the reverse)
+and NaN or infinite numbers are refused, so a typo or a wrong type fails with the key's
+name. A check that involves several fields raises ``FieldError`` naming the field to
+change, so that the error can point at its line in params.yaml.
 """
 
 from __future__ import annotations
@@ -20,8 +23,20 @@ NONLINEARITIES = (
 )  # fmt: skip
 
 
+# Momentum above this is almost surely meant in the Keras convention (see advice()).
+MOMENTUM_WARN = 0.5
+
+
+class FieldError(ValueError):
+    """A failed check that belongs to one field (``key``, dotted, relative to the model)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -44,24 +59,28 @@ class VariantConfig(_Strict):
 
     w1_init: Literal["normal", "kaiming"] = "kaiming"
     gain: float | str = "tanh"
-    w1_scale: float = 1.0
-    b1_scale: float = 0.01
-    w2_scale: float = 0.01
-    b2_scale: float = 0.0
+    w1_scale: float = Field(1.0, ge=0.0)
+    b1_scale: float = Field(0.01, ge=0.0)
+    w2_scale: float = Field(0.01, ge=0.0)
+    b2_scale: float = Field(0.0, ge=0.0)
     batchnorm: bool = False
     momentum: float = Field(0.001, gt=0.0, le=1.0)
     lr_scale: float = Field(1.0, gt=0.0)
 
-    @field_validator("gain")
+    @field_validator("gain", mode="before")
     @classmethod
-    def _check_gain(cls, v: float | str) -> float | str:
+    def _check_gain(cls, v: object) -> object:
+        # before the union's own validation, so that a bad gain gives one clear error
+        names = ", ".join(NONLINEARITIES)
         if isinstance(v, str):
             if v not in NONLINEARITIES:
-                raise ValueError(
-                    f"gain must be a number > 0 or one of {', '.join(NONLINEARITIES)}; got {v!r}"
-                )
+                raise ValueError(f"gain must be a number > 0 or one of {names}; got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(
+                f"gain must be a number > 0 or one of {names}; got {v!r} ({type(v).__name__})"
+            )
         elif not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"gain must be > 0, got {v}")
+            raise ValueError(f"gain must be a finite number > 0, got {v}")
         return v
 
     @model_validator(mode="after")
@@ -76,8 +95,33 @@ class VariantConfig(_Strict):
         if not self.batchnorm and "momentum" in self.model_fields_set:
             unused.append("momentum (used only when batchnorm is true)")
         if unused:
-            raise ValueError("key(s) that this variant would ignore: " + "; ".join(unused))
+            raise FieldError(
+                unused[0].split()[0],
+                "key(s) that this variant would ignore: " + "; ".join(unused),
+            )
         return self
+
+    def advice(self) -> list[tuple[str, str]]:
+        """Settings that are valid but almost surely not meant: (field, message) pairs.
+
+        ``momentum`` above 0.5: BatchNorm1d here follows PyTorch's convention,
+        running = (1 - momentum) * running + momentum * batch, where the lecture's
+        update is momentum = 0.001; Keras writes the same update as momentum = 0.999.
+        """
+        out = []
+        m = self.momentum
+        if self.batchnorm and m > MOMENTUM_WARN:
+            meant = f"{m} meant as {1 - m:.6g}" if m < 1 else "1 would mean no update at all"
+            out.append(
+                (
+                    "momentum",
+                    f"momentum {m} is almost surely the Keras convention: {meant}. Here "
+                    "running = (1 - momentum) * running + momentum * batch (PyTorch's "
+                    "convention); the lecture's running = 0.999 * running + 0.001 * batch "
+                    "is momentum: 0.001",
+                )
+            )
+        return out
 
     @property
     def gain_value(self) -> float:
@@ -116,9 +160,10 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _check_decay(self) -> TrainConfig:
         if self.lr_decay_step > self.max_steps:
-            raise ValueError(
+            raise FieldError(
+                "lr_decay_step",
                 f"lr_decay_step ({self.lr_decay_step}) must lie inside the run "
-                f"(<= max_steps = {self.max_steps})"
+                f"(<= max_steps = {self.max_steps})",
             )
         return self
 

@@ -101,7 +101,7 @@ def build_windows(
             ix = stoi[ch]
             X.append(context)
             Y.append(ix)
-            context = context[1:] + [ix]
+            context = [*context[1:], ix]
     if not X:
         return torch.empty((0, block_size), dtype=torch.int64), torch.empty(0, dtype=torch.int64)
     return torch.tensor(X, dtype=torch.int64), torch.tensor(Y, dtype=torch.int64)
@@ -112,47 +112,72 @@ def _allowed(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "LM" or ch in "-'"
 
 
+def _describe_char(ch: str) -> str:
+    """'\\t' (U+0009 a control character), '3' (U+0033 DIGIT THREE), ..."""
+    return f"{ch!r} (U+{ord(ch):04X} {unicodedata.name(ch, '') or 'a control character'})"
+
+
 def parse_names(raw: bytes, source: str = "<names>") -> list[str]:
     """Decode and normalise a names file: one name per line.
 
-    Normalisation: a UTF-8 byte-order mark is dropped; line endings \\n, \\r\\n and \\r
-    are all accepted; leading and trailing whitespace is stripped; blank lines are
-    skipped; names are lowercased and put in Unicode NFC form.
+    Normalisation (each case is tested in tests/test_inputs.py):
+
+    - a UTF-8 byte-order mark at the start is dropped;
+    - line endings \\n, \\r\\n (Windows) and \\r alone are all line breaks, and a final
+      line break is optional;
+    - leading and trailing whitespace (spaces, tabs, no-break spaces) is stripped;
+    - blank lines are skipped (they still count for line numbers);
+    - names are lowercased (``str.lower``) and put in Unicode NFC form, so 'Émile'
+      written with a combining accent and 'émile' give the same characters.
+
+    Duplicates are kept: the lecture's 32,033 words include them.
 
     Raises:
-        ValueError: naming ``source``, the 1-based line and the offending character, if
-            the bytes are not UTF-8, a name contains the boundary token '.', or a
-            character that is not a letter, a combining mark, '-' or "'"; or if no name
-            is left.
+        ValueError: naming ``source``, the 1-based line and column and the offending
+            byte or character, if the bytes are not UTF-8 (a UTF-16 file or a file
+            cut inside a character included), a name contains the boundary token '.'
+            or a character that is not a letter (any script), a combining mark, '-' or
+            "'" (digits, inner spaces, punctuation, control characters); or, naming
+            ``source``, if no name is left (an empty or blank file).
     """
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(
+            f"{source}:1: starts with a UTF-16 byte-order mark; save the file as UTF-8"
+        )
+    # '\r' and '\n' never occur inside a UTF-8 multi-byte sequence, so this is safe
+    # before decoding and keeps the line numbers of a decoding error right.
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(
-            f"{source}:{line}: byte 0x{raw[e.start]:02x} is not valid UTF-8 "
-            "(save the file as UTF-8)"
-        ) from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        if e.reason == "unexpected end of data":
+            what = "the file ends inside a multi-byte character (truncated?)"
+        else:
+            what = "not valid UTF-8 (save the file as UTF-8, e.g. iconv -f latin1 -t utf-8)"
+        raise ValueError(f"{source}:{line}:{column}: byte 0x{raw[e.start]:02x}: {what}") from None
     words = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        word = unicodedata.normalize("NFC", line.strip().lower())
-        if not word:
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        name = line.strip()
+        if not name:
             continue
-        for ch in word:
+        offset = len(line) - len(line.lstrip())
+        for column, ch in enumerate(name, start=offset + 1):
+            where = f"{source}:{lineno}:{column}"
             if ch == BOUNDARY:
                 raise ValueError(
-                    f"{source}:{lineno}: {word!r} contains the boundary token '.', "
-                    "which marks the start and end of every name"
+                    f"{where}: {name!r} contains the boundary token '.', which marks the "
+                    "start and end of every name; remove it"
                 )
             if not _allowed(ch):
                 raise ValueError(
-                    f"{source}:{lineno}: {word!r} contains {ch!r} "
-                    f"(U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')}); names may hold "
-                    "letters, combining marks, '-' and \"'\""
+                    f"{where}: {name!r} contains {_describe_char(ch)}; names may hold "
+                    "letters, combining marks, '-' and \"'\" only"
                 )
-        words.append(word)
+        words.append(unicodedata.normalize("NFC", name.lower()))
     if not words:
         raise ValueError(f"{source}: no names found (the file is empty or blank)")
     return words

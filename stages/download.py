@@ -1,7 +1,8 @@
 """Fetch the names list and verify its sha256.
 
 Reads params data.url and data.sha256; writes the verified bytes to ``--out``.
-The environment variable NAMES_MIRROR (a local path or file:// URL) is tried first.
+When the environment variable NAMES_MIRROR (a local path or file:// URL) is set, it
+is used instead of data.url, and a missing mirror is an error (no silent fallback).
 Run: python -m stages.download --out data/raw/names.txt
 """
 
@@ -26,7 +27,7 @@ def fetch(url: str, timeout: float = TIMEOUT) -> bytes:
     """Bytes at ``url`` (http, https, file) or at a local path.
 
     Raises:
-        OSError: when it cannot be read, with the URL and the variable to set.
+        OSError: when it cannot be read, naming the URL and the reason.
     """
     if "://" not in url:
         url = Path(url).resolve().as_uri()
@@ -38,20 +39,32 @@ def fetch(url: str, timeout: float = TIMEOUT) -> bytes:
             return response.read()
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
-        raise OSError(
-            f"cannot fetch {url}: {reason}. Offline? Set {MIRROR_VAR} to a local copy "
-            f"of the file (a path or file:// URL), e.g. {MIRROR_VAR}=/path/to/names.txt"
-        ) from None
+        raise OSError(f"cannot fetch {url}: {reason}") from None
 
 
 def download(url: str, sha256: str, out: Path, mirror: str | None = None) -> str:
     """Fetch from ``mirror`` (if given) else ``url``, check ``sha256``, write ``out``.
 
-    Returns the source used. Raises OSError (unreachable) or ValueError (checksum
-    mismatch, naming both hashes); in both cases nothing is written.
+    The checksum is of the raw bytes, before any decoding or normalisation.
+    Returns the source used. Raises OSError (unreachable URL or missing mirror, with
+    what to do) or ValueError (checksum mismatch, naming both hashes); in both cases
+    nothing is written.
     """
     source = mirror or url
-    data = fetch(source)
+    try:
+        data = fetch(source)
+    except OSError as e:
+        if mirror:
+            hint = (
+                f"{MIRROR_VAR}={mirror} is set but cannot be read; point it at a copy of "
+                f"names.txt, or unset it to download from data.url"
+            )
+        else:
+            hint = (
+                f"Offline? Set {MIRROR_VAR} to a local copy of the file (a path or "
+                f"file:// URL), e.g. {MIRROR_VAR}=/path/to/names.txt"
+            )
+        raise OSError(f"{e}. {hint}") from None
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
         raise ValueError(

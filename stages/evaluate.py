@@ -128,11 +128,15 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
     diverged_at = summary["diverged_at"]
 
     losses = {k: split_loss(model, splits[k]["X"], splits[k]["Y"]).tolist() for k in SPLITS}
+    # A seed diverged when its training loss became non-finite (diverged_at: the step) or
+    # when a split loss of the trained model is not finite (overflow; diverged_at None).
+    diverged = [
+        d is not None or not all(math.isfinite(losses[k][s]) for k in SPLITS)
+        for s, d in enumerate(diverged_at)
+    ]
     per_seed: dict[str, list[float | None]] = {}
     for k in SPLITS:  # a diverged seed has no split losses (null in the JSON)
-        per_seed[k] = [
-            None if d is not None else v for v, d in zip(losses[k], diverged_at, strict=True)
-        ]
+        per_seed[k] = [None if bad else v for v, bad in zip(losses[k], diverged, strict=True)]
     per_seed["init_loss"] = history["loss"][0].double().tolist()
 
     # one fixed probe batch from the training split, drawn by its own generator
@@ -159,9 +163,9 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         "per_seed": {
             **per_seed,
             "diverged_at": diverged_at,
-            "diverged": [d is not None for d in diverged_at],
+            "diverged": diverged,
         },
-        "n_diverged": sum(d is not None for d in diverged_at),
+        "n_diverged": sum(diverged),
         "share_samples_in_train": in_train,
         "train_seconds": summary["seconds"],
         "us_per_model_step": summary["us_per_model_step"],

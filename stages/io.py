@@ -3,12 +3,13 @@
 Every output is first written under a temporary name beside its target and renamed
 into place only when complete (``os.replace`` is atomic within one file system), so a
 failed or interrupted stage never leaves a half-written result that DVC could take
-for current.
+for current. ``run`` turns SIGINT, SIGTERM and SIGHUP into a prompt, clean exit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -16,9 +17,23 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+# Signals that stop a stage cleanly: Ctrl-C, `kill`, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+CHILD_GRACE = 0.5  # seconds a child process gets to exit after SIGTERM, then SIGKILL
+CLEANUP_LIMIT = 5.0  # seconds the unwinding after a stop signal may take, then exit anyway
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove temporaries of ``target`` left by a killed run (SIGKILL, power loss)."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -26,10 +41,14 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
 
     Works for a file or a directory (the caller creates either at the yielded path).
-    On any exception the temporary path is removed and ``target`` is untouched.
+    On any exception (an interruption included) the temporary path is removed and
+    ``target`` is untouched. The temporary lives in a hidden directory
+    ``.<name>.<random>.tmp`` next to ``target``; leftovers of a run that was killed
+    outright are removed on the next call.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     work = tmp / target.name
     try:
@@ -69,23 +88,102 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+class Interrupted(KeyboardInterrupt):
+    """A stop signal arrived; carries its number for the exit status 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _stop_children() -> None:
+    """Stop every process this one started (the report's Jupyter kernel): SIGTERM,
+    then SIGKILL after CHILD_GRACE, so that the unwinding that follows does not wait
+    for a polite shutdown and no orphan is left."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with dvc
+        return
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=CHILD_GRACE)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    for s in STOP_SIGNALS:  # one interruption at a time: let the cleanup finish...
+        signal.signal(s, signal.SIG_IGN)
+    watchdog = threading.Timer(CLEANUP_LIMIT, os._exit, (128 + signum,))
+    watchdog.daemon = True  # ...but never hang on it
+    watchdog.start()
+    _stop_children()
+    raise Interrupted(signum)
+
+
+def _die_with_parent() -> None:
+    """Under DVC (DVC_STAGE is set), ask Linux to send SIGTERM when dvc dies.
+
+    DVC ignores SIGINT while a stage runs and forwards no signal, so ``kill <dvc pid>``
+    would otherwise leave the stage running, writing its outputs behind dvc's back.
+    """
+    if not sys.platform.startswith("linux") or "DVC_STAGE" not in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    if os.getppid() == 1:  # dvc died before the request took effect
+        raise Interrupted(signal.SIGTERM)
+
+
+def _exit_now(status: int) -> None:
+    """Exit without the interpreter's teardown (over a second once torch is loaded)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+_show_default = warnings.showwarning
+
+
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Parameter warnings already name file, line and key: print them plainly."""
+    if category.__name__ == "ParamsWarning":
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _show_default(message, category, *args, **kwargs)
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's ``main`` with SIGTERM treated like Ctrl-C, and clean exits.
+    """Run a stage's ``main``: clean exits on bad input and on stop signals.
 
     Errors the user can fix (bad input, bad parameters: ``ValueError``, ``OSError``)
-    print one message and exit 1 instead of a traceback; an interruption exits 130.
-    Temporary outputs are removed by ``atomic_path`` on the way out in every case.
+    print one message and exit 1 instead of a traceback (set CHARLM_TRACEBACK=1 for
+    the traceback). SIGINT, SIGTERM and SIGHUP stop the stage within a moment: the
+    temporary outputs are removed by ``atomic_path`` on the way out, child processes
+    are stopped, and the exit status is 128 + the signal number (130 for Ctrl-C, 143
+    for SIGTERM). A SIGINT that the parent chose to ignore stays ignored.
     """
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    warnings.showwarning = _show_warning
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) != signal.SIG_IGN:
+            signal.signal(s, _on_signal)
     try:
+        _die_with_parent()
         main()
     except KeyboardInterrupt as e:
-        print(f"\ninterrupted ({e or 'SIGINT'}); no output was written", file=sys.stderr)
-        sys.exit(130)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(
+            f"\ninterrupted by {signal.Signals(signum).name}: the stage did not finish and "
+            "left no partial output (temporary files removed); run it again (dvc repro)",
+            file=sys.stderr,
+        )
+        _exit_now(128 + signum)
     except (ValueError, OSError) as e:
         if os.environ.get("CHARLM_TRACEBACK"):
             raise

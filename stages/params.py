@@ -5,6 +5,11 @@ any work starts, naming the file, line and key), then returns only the sections 
 in ``keys`` -- the same keys the stage declares under ``params:`` in dvc.yaml.
 Every key handed out is recorded in ``HANDED_OUT`` so a test can prove that each
 stage declares everything it reads.
+
+Numbers are read as ``dvc exp run -S`` and YAML writers write them: scientific
+notation that YAML 1.1 leaves as a string (``1e-05``, ``5e-1``, ``1e5``) is a number,
+and an integral float (``200000.0``) is accepted where an integer is expected.
+Duplicate keys, which YAML would silently resolve to the last one, are an error.
 """
 
 from __future__ import annotations
@@ -12,20 +17,32 @@ from __future__ import annotations
 import difflib
 import re
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from charlm.config import ModelConfig, TrainConfig, VariantConfig, _Strict
+from charlm.config import FieldError, ModelConfig, TrainConfig, VariantConfig, _Strict
 
 HANDED_OUT: set[str] = set()
 
 
 class DataConfig(_Strict):
     url: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _check_sha256(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", v):
+                raise ValueError(
+                    "sha256 must be 64 hexadecimal digits, as `sha256sum names.txt` prints"
+                )
+        return v
 
 
 class SplitConfig(_Strict):
@@ -37,9 +54,10 @@ class SplitConfig(_Strict):
     @model_validator(mode="after")
     def _check_sum(self) -> SplitConfig:
         if self.train_frac + self.val_frac >= 1.0:
-            raise ValueError(
+            raise FieldError(
+                "val_frac",
                 f"train_frac + val_frac must be < 1 to leave a test split, "
-                f"got {self.train_frac} + {self.val_frac}"
+                f"got {self.train_frac} + {self.val_frac}",
             )
         return self
 
@@ -88,16 +106,17 @@ class Params(_Strict):
     def _check_names(cls, v: dict[str, VariantConfig]) -> dict[str, VariantConfig]:
         for name in v:
             if not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"variant name {name!r} must be letters, digits, '_' or '-'")
+                raise FieldError(name, f"variant name {name!r} must be letters, digits, '_' or '-'")
         return v
 
     @model_validator(mode="after")
     def _check_batchnorm_batch(self) -> Params:
         for name, v in self.variants.items():
             if v.batchnorm and self.train.batch_size < 2:
-                raise ValueError(
+                raise FieldError(
+                    "train.batch_size",
                     f"variants.{name} uses BatchNorm, which needs train.batch_size >= 2 "
-                    f"(got {self.train.batch_size})"
+                    f"(got {self.train.batch_size})",
                 )
         return self
 
@@ -106,19 +125,54 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names file, line, key."""
 
 
+class ParamsWarning(UserWarning):
+    """A valid setting that is almost surely not what was meant (file, line, key, why)."""
+
+
 def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the deepest node of ``loc`` found in the YAML node tree."""
     node, line = root, None
     for part in loc:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for k, v in node.value:
-            if k.value == str(part):
-                line, node = k.start_mark.line + 1, v
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
                 break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if not 0 <= part < len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
         else:
             break
     return line
+
+
+def _duplicates(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> list[tuple[int, str]]:
+    """(line, message) for every key given twice in one mapping."""
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            key, line = str(k.value), k.start_mark.line + 1
+            dotted = ".".join((*prefix, key))
+            if key in seen:
+                out.append(
+                    (
+                        line,
+                        f"duplicate key {dotted!r} (first at line {seen[key]}); "
+                        "YAML would silently keep only the last one",
+                    )
+                )
+            else:
+                seen[key] = line
+            out += _duplicates(v, (*prefix, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out += _duplicates(v, (*prefix, str(i)))
+    return out
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -141,74 +195,141 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
+# pydantic error type -> what the key expects, for wrong-type messages
+_EXPECTED = {
+    "int_type": "an integer", "int_from_float": "an integer", "int_parsing": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+    "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}  # fmt: skip
+
+_MISSING = object()
+
+
+def _value_at(raw: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return raw
+
+
+def _describe(err: dict[str, Any], loc: tuple[Any, ...], raw: Any) -> str:
+    """One line for one pydantic error: the key, its value, what was expected."""
     key = ".".join(str(p) for p in loc)
-    if err["type"] == "extra_forbidden":
+    kind = err["type"]
+    if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         hint = ""
         if parent is not None:
             close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
             if close:
-                hint = f" (did you mean {'.'.join(str(p) for p in loc[:-1] + (close[0],))!r}?)"
+                hint = f" (did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))!r}?)"
             else:
-                hint = f" (valid keys: {', '.join(parent.model_fields)})"
+                hint = f" (valid keys here: {', '.join(parent.model_fields)})"
         return f"unknown key {key!r}{hint}"
-    value = err.get("input")
-    msg = err["msg"]
-    if err["type"] in ("int_type", "float_type", "bool_type", "string_type", "int_parsing",
-                       "float_parsing", "bool_parsing", "int_from_float", "literal_error"):
-        return f"key {key!r}: value {value!r} ({type(value).__name__}) is invalid: {msg}"
+    if kind == "missing":
+        return f"key {key!r} is required but missing"
+    value = _value_at(raw, loc)
+    if value is _MISSING:
+        value = err.get("input")
+    if kind in _EXPECTED:
+        return f"key {key!r}: expected {_EXPECTED[kind]}, got {value!r} ({type(value).__name__})"
+    msg = err["msg"].removeprefix("Value error, ")
     if not loc:
-        return msg.removeprefix("Value error, ")
-    return f"key {key!r}: {msg.removeprefix('Value error, ')} (value {value!r})"
+        return msg
+    return f"key {key!r} = {value!r}: {msg}"
 
 
 _SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def _number(v: Any) -> Any:
-    """Read scientific notation that YAML 1.1 leaves as a string (``1e5``, ``5e-1``,
-    as ``dvc exp run -S`` may write them) as a number; integral values without a
-    decimal point or negative exponent (``2e5``) become ints."""
+    """Numbers as ``dvc exp run -S`` and YAML writers write them, read as numbers.
+
+    Scientific notation that YAML 1.1 leaves as a string (``1e5``, ``5e-1``,
+    ``1e-05``) becomes a float, and an integral float (``2e5``, ``200000.0`` -- dvc
+    writes ``-S train.max_steps=2e5`` so) becomes an int, which a float field accepts
+    too. Applies to every value of nested dicts and lists.
+    """
     if isinstance(v, dict):
         return {k: _number(x) for k, x in v.items()}
     if isinstance(v, list):
         return [_number(x) for x in v]
     if isinstance(v, str) and _SCI.match(v.strip()):
-        f = float(v)
-        mantissa, exponent = v.strip().lower().split("e")
-        return int(f) if "." not in mantissa and not exponent.startswith("-") else f
+        v = float(v)
+    if isinstance(v, float) and v.is_integer() and abs(v) <= 2**53:
+        return int(v)
     return v
 
 
-def validate(path: str | Path) -> Params:
-    """Read and validate the whole params file.
-
-    Raises:
-        ParamsError: naming the file, the line and the key of each problem.
-    """
-    path = Path(path)
+def _read(path: Path) -> tuple[Any, yaml.Node | None]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ParamsError(f"{path}: cannot read parameters: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text ({e.reason})") from None
     try:
-        raw = yaml.safe_load(text)
         root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else f"{path}"
+        raise ParamsError(f"{where}: not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    dups = _duplicates(root)
+    if dups:
+        raise ParamsError(
+            "invalid parameters:\n  " + "\n  ".join(f"{path}:{line}: {msg}" for line, msg in dups)
+        )
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    # data holds strings only (a sha256 of digits and one 'e' must stay a string)
+    return {k: v if k == "data" else _number(v) for k, v in raw.items()}, root
+
+
+def _check(path: str | Path) -> tuple[Params, list[tuple[str, str]]]:
+    """Validate; return the params and the advice as (dotted key, 'file:line: ...')."""
+    path = Path(path)
+    raw, root = _read(path)
     try:
-        return Params.model_validate(_number(raw))
+        params = Params.model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            line = _line_of(root, tuple(err["loc"]))
+            loc = tuple(err["loc"])
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, FieldError):  # a check across fields names its field
+                loc = (*loc, *cause.key.split("."))
+            line = _line_of(root, loc)
             where = f"{path}:{line}" if line else f"{path}"
-            lines.append(f"{where}: {_describe(err)}")
+            lines.append(f"{where}: {_describe(err, loc, raw)}")
         raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines)) from None
+    advice = []
+    for name, variant in params.variants.items():
+        for field, msg in variant.advice():
+            loc = ("variants", name, field)
+            line = _line_of(root, loc)
+            where = f"{path}:{line}" if line else f"{path}"
+            advice.append((".".join(loc), f"{where}: key {'.'.join(loc)!r}: {msg}"))
+    return params, advice
+
+
+def validate(path: str | Path) -> Params:
+    """Read and validate the whole params file; warn (ParamsWarning) about settings
+    that are valid but almost surely not meant.
+
+    Raises:
+        ParamsError: naming the file, the line and the key of each problem.
+    """
+    params, advice = _check(path)
+    for _, text in advice:
+        warnings.warn(text, ParamsWarning, stacklevel=2)
+    return params
 
 
 def get(params: Params, key: str) -> Any:
@@ -223,14 +344,19 @@ def get(params: Params, key: str) -> Any:
 def load(path: str | Path, keys: list[str]) -> dict[str, Any]:
     """Validate ``path`` and return ``{key: value}`` for exactly the declared ``keys``.
 
+    Warns (ParamsWarning) about doubtful settings under those keys only.
+
     Raises:
         ParamsError: the file is invalid, or a key names no section or variant.
     """
-    params = validate(path)
+    params, advice = _check(path)
     out = {}
     for key in keys:
         try:
             out[key] = get(params, key)
         except (KeyError, AttributeError):
             raise ParamsError(f"{path}: no key {key!r}") from None
+    for where, text in advice:
+        if any(where == k or where.startswith(k + ".") for k in keys):
+            warnings.warn(text, ParamsWarning, stacklevel=2)
     return out

@@ -20,8 +20,9 @@ PARAMS = ["split"]
 SPLITS = ("train", "val", "test")
 
 
-def split(names: Path, out: Path, seed: int, train_frac: float, val_frac: float,
-          block_size: int) -> dict:
+def split(
+    names: Path, out: Path, seed: int, train_frac: float, val_frac: float, block_size: int
+) -> dict:
     """Do the work; returns the counts written to counts.json."""
     words = parse_names(names.read_bytes(), source=str(names))
     vocab = Vocabulary.from_words(words)
@@ -46,10 +47,11 @@ def split(names: Path, out: Path, seed: int, train_frac: float, val_frac: float,
             X, Y = build_windows(part, vocab, block_size)
             counts["windows"][name] = X.shape[0]
             torch.save({"X": X, "Y": Y}, tmp / f"{name}.pt")
-        (tmp / "vocab.json").write_text(json.dumps({"chars": list(vocab.chars)}, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
-        (tmp / "words.json").write_text(json.dumps(parts, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
+        vocab_json = json.dumps({"chars": list(vocab.chars)}, ensure_ascii=False)
+        (tmp / "vocab.json").write_text(vocab_json + "\n", encoding="utf-8")
+        (tmp / "words.json").write_text(
+            json.dumps(parts, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         (tmp / "counts.json").write_text(io.dumps_json(counts), encoding="utf-8")
     return counts
 

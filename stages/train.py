@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -26,16 +27,32 @@ PARAMS = ["model", "train", "variants.{variant}"]
 
 
 def curve_rows(loss: torch.Tensor, window: int) -> list[str]:
-    """CSV rows step,log10_loss: mean of log10(loss) of seed 0 over each ``window``."""
+    """CSV rows step,log10_loss: mean of log10(loss) of seed 0 over each ``window``.
+
+    A window holding a non-finite loss (the seed diverged) has no row: the curve stops.
+    """
     steps = loss.shape[0] // window * window
     if steps == 0:
         window, steps = loss.shape[0], loss.shape[0]
     means = loss[:steps, 0].log10().view(-1, window).mean(1)  # (steps / window,)
-    return [f"{i * window},{v:.6f}" for i, v in enumerate(means.tolist())]
+    return [f"{i * window},{v:.6f}" for i, v in enumerate(means.tolist()) if math.isfinite(v)]
 
 
-def train(variant: str, data: Path, out: Path, curve: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
-          variant_cfg: VariantConfig) -> dict:
+def diverged_steps(result: engine.TrainResult, model: torch.nn.Module, max_steps: int
+                   ) -> list[int | None]:
+    """Per seed, the first step with a non-finite loss; ``max_steps`` when only the
+    last update made a parameter non-finite (no loss saw it); else None."""
+    out = list(result.diverged_at)
+    for p in model.parameters():
+        finite = torch.isfinite(p.detach().reshape(p.shape[0], -1)).all(1).tolist()  # (S,)
+        for s, ok in enumerate(finite):
+            if not ok and out[s] is None:
+                out[s] = max_steps
+    return out
+
+
+def train(variant: str, data: Path, out: Path, curve: Path, model_cfg: ModelConfig,
+          train_cfg: TrainConfig, variant_cfg: VariantConfig) -> dict:
     """Do the work; returns the summary written to train.json."""
     vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))
     counts = json.loads((data / "counts.json").read_text(encoding="utf-8"))
@@ -62,7 +79,7 @@ def train(variant: str, data: Path, out: Path, curve: Path, model_cfg: ModelConf
         "device": str(device),
         "seconds": round(result.seconds, 3),
         "us_per_model_step": round(result.seconds / train_cfg.max_steps / len(generators) * 1e6, 3),
-        "diverged_at": result.diverged_at,
+        "diverged_at": diverged_steps(result, model, train_cfg.max_steps),
     }
     checkpoint = {
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
@@ -76,13 +93,13 @@ def train(variant: str, data: Path, out: Path, curve: Path, model_cfg: ModelConf
     }
     history = {"loss": result.loss, "record_steps": result.record_steps,
                "update_ratio": result.update_ratio}
-    with io.atomic_path(out) as tmp:
+    rows = curve_rows(result.loss, train_cfg.record_every)
+    with io.atomic_path(out) as tmp, io.atomic_path(curve) as curve_tmp:
         tmp.mkdir()
         torch.save(checkpoint, tmp / "model.pt")
         torch.save(history, tmp / "history.pt")
         (tmp / "train.json").write_text(io.dumps_json(summary), encoding="utf-8")
-        rows = curve_rows(result.loss, train_cfg.record_every)
-        io.write_text(curve, "step,log10_loss\n" + "\n".join(rows) + "\n")
+        curve_tmp.write_text("step,log10_loss\n" + "\n".join(rows) + "\n", encoding="utf-8")
     return summary
 
 
@@ -96,7 +113,8 @@ def main() -> None:
     args = parser.parse_args()
     keys = [k.format(variant=args.variant) for k in PARAMS]
     p = params.load(args.params, keys)
-    summary = train(args.variant, args.data, args.out, args.curve, p["model"], p["train"], p[keys[2]])
+    summary = train(args.variant, args.data, args.out, args.curve, p["model"], p["train"],
+                    p[keys[2]])
     print(f"wrote {args.out} in {summary['seconds']:.1f} s "
           f"({summary['us_per_model_step']:.1f} us per model-step)")
 

@@ -1,0 +1,331 @@
+"""Parameters: validated before any work starts; errors name file, line and key.
+
+Each case edits one line of a copy of the project's params.yaml and checks the
+message (or the value read). The last tests prove that every stage in dvc.yaml
+declares exactly the keys its module reads (tests/test_faults.py checks the same
+on a real run, from the keys each stage process was handed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, run
+
+from stages import params
+from stages.params import ParamsError, ParamsWarning
+
+BASE = (ROOT / "params.yaml").read_text(encoding="utf-8")
+
+
+def line_of_key(text: str, dotted: str) -> int:
+    """0-based index of the line that holds the dotted key in YAML ``text``."""
+    node = yaml.compose(text)
+    for part in dotted.split("."):
+        key, node = next((k, v) for k, v in node.value if k.value == part)
+    return key.start_mark.line
+
+
+def edit(tmp_path: Path, dotted: str, new: str) -> tuple[Path, int]:
+    """A copy of params.yaml whose line of ``dotted`` is replaced by ``new`` (one or
+    more lines, indented like the original); returns the path and the 1-based line."""
+    lines = BASE.splitlines()
+    i = line_of_key(BASE, dotted)
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    lines[i : i + 1] = [indent + part for part in new.split("\n")]
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, i + 1
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(ParamsError) as info:
+        params.validate(path)
+    return str(info.value)
+
+
+def test_project_params_are_valid():
+    p = params.validate(ROOT / "params.yaml")
+    assert p.train.max_steps >= 1 and p.variants
+
+
+# ----------------------------------------------------------------- numbers
+
+# (key, its new line, the value read, of that type)
+NUMBERS = [
+    ("train.lr", "lr: 1e-05", 1e-05),
+    ("train.lr", "lr: 1.0e-5", 1e-05),
+    ("train.lr", "lr: 1.0E-5", 1e-05),
+    ("train.lr", "lr: 5e-1", 0.5),
+    ("train.lr", "lr: .5", 0.5),
+    ("train.lr", "lr: 1", 1.0),  # an int where a float is expected reads as that float
+    ("train.max_steps", "max_steps: 1e5", 100_000),
+    ("train.max_steps", "max_steps: 2e+5", 200_000),
+    ("train.max_steps", "max_steps: 200000.0", 200_000),  # dvc exp run -S max_steps=2e5
+    ("train.max_steps", "max_steps: 1.0e5", 100_000),
+    ("train.max_steps", "max_steps: 200_000", 200_000),
+    ("variants.batchnorm.momentum", "momentum: 1e-3", 0.001),
+    ("split.train_frac", "train_frac: 8e-1", 0.8),
+]
+
+
+@pytest.mark.parametrize(("key", "new", "expected"), NUMBERS, ids=[n[1] for n in NUMBERS])
+def test_numbers_as_yaml_and_dvc_write_them(tmp_path, key, new, expected):
+    value = params.get(params.validate(edit(tmp_path, key, new)[0]), key)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_dvc_exp_run_set_round_trip(tmp_path):
+    """Values written by dvc's own -S machinery read back as the numbers meant."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text(BASE, encoding="utf-8")
+    apply_overrides(path, ["train.lr=1e-05", "train.max_steps=2e5", "train.lr_decay_step=1e5",
+                           "train.lr_decayed=5e-1", "variants.kaiming.gain=1.0",
+                           "variants.batchnorm.momentum=1e-2", "train.seeds=[1,2,3]"])  # fmt: skip
+    p = params.validate(path)
+    assert (p.train.lr, p.train.max_steps, p.train.lr_decay_step) == (1e-05, 200_000, 100_000)
+    assert (p.train.lr_decayed, p.train.seeds) == (0.5, [1, 2, 3])
+    assert p.variants["kaiming"].gain_value == 1.0
+    assert p.variants["batchnorm"].momentum == 0.01
+
+
+# ----------------------------------------------------------------- errors
+
+# (key, its new line, pattern of the message after "file:line: ")
+ERRORS = [
+    # unknown keys: the key and the closest valid one
+    ("train.batch_size", "batch_sise: 32",
+     r"unknown key 'train\.batch_sise' \(did you mean 'train\.batch_size'\?\)"),
+    ("train", "trian:", r"unknown key 'trian' \(did you mean 'train'\?\)"),
+    ("variants.kaiming.gain", "gian: tanh",
+     r"unknown key 'variants\.kaiming\.gian' \(did you mean 'variants\.kaiming\.gain'\?\)"),
+    ("model.n_embd", "n_emb: 10", r"unknown key 'model\.n_emb' \(did you mean 'model\.n_embd'\?\)"),
+    ("model.n_embd", "zzz: 10", r"unknown key 'model\.zzz' \(valid keys here: n_embd, n_hidden\)"),
+    # wrong types: key, value, expected type
+    ("train.batch_size", "batch_size: '32'",
+     r"key 'train\.batch_size': expected an integer, got '32' \(str\)"),
+    ("train.max_steps", "max_steps: 1000.5",
+     r"key 'train\.max_steps': expected an integer, got 1000\.5 \(float\)"),
+    ("train.lr", "lr: fast", r"key 'train\.lr': expected a number, got 'fast' \(str\)"),
+    ("train.lr", "lr: .nan", r"key 'train\.lr': expected a finite number, got nan \(float\)"),
+    ("train.lr", "lr: true", r"key 'train\.lr': expected a number, got True \(bool\)"),
+    ("variants.batchnorm.batchnorm", "batchnorm: 1",
+     r"key 'variants\.batchnorm\.batchnorm': expected true or false, got 1 \(int\)"),
+    ("train.seeds", "seeds: 42", r"key 'train\.seeds': expected a list, got 42 \(int\)"),
+    ("train.seeds", "seeds: [1, two]",
+     r"key 'train\.seeds\.1': expected an integer, got 'two' \(str\)"),
+    ("train.device", "device: gpu",
+     r"key 'train\.device' = 'gpu': Input should be 'auto', 'cpu' or 'cuda'"),
+    ("variants.kaiming.gain", "gain: [1]",
+     r"key 'variants\.kaiming\.gain' = \[1\]: gain must be a number > 0 or one of .* \(list\)"),
+    # ranges
+    ("train.batch_size", "batch_size: 1",
+     r"key 'train\.batch_size' = 1: variants\.batchnorm uses BatchNorm, which needs "
+     r"train\.batch_size >= 2"),
+    ("train.batch_size", "batch_size: 0",
+     r"key 'train\.batch_size' = 0: Input should be greater than or equal to 1"),
+    ("variants.batchnorm.momentum", "momentum: 0",
+     r"key 'variants\.batchnorm\.momentum' = 0: Input should be greater than 0"),
+    ("variants.batchnorm.momentum", "momentum: 1.5",
+     r"key 'variants\.batchnorm\.momentum' = 1\.5: Input should be less than or equal to 1"),
+    ("split.train_frac", "train_frac: 1.0",
+     r"key 'split\.train_frac' = 1: Input should be less than 1"),
+    ("split.val_frac", "val_frac: 0",
+     r"key 'split\.val_frac' = 0: Input should be greater than 0"),
+    ("split.val_frac", "val_frac: 0.2",
+     r"key 'split\.val_frac' = 0\.2: train_frac \+ val_frac must be < 1 to leave a test split"),
+    ("train.max_steps", "max_steps: 0",
+     r"key 'train\.max_steps' = 0: Input should be greater than or equal to 1"),
+    ("train.lr", "lr: -0.1", r"key 'train\.lr' = -0\.1: Input should be greater than 0"),
+    ("train.lr_decayed", "lr_decayed: 0",
+     r"key 'train\.lr_decayed' = 0: Input should be greater than 0"),
+    ("train.lr_decay_step", "lr_decay_step: 100000000",
+     r"key 'train\.lr_decay_step' = 100000000: lr_decay_step \(100000000\) must lie inside "
+     r"the run \(<= max_steps = \d+\)"),
+    ("train.lr_decay_step", "lr_decay_step: -1",
+     r"key 'train\.lr_decay_step' = -1: Input should be greater than or equal to 0"),
+    ("variants.kaiming.gain", "gain: 0",
+     r"key 'variants\.kaiming\.gain' = 0: gain must be a finite number > 0"),
+    ("variants.kaiming.gain", "gain: tahn",
+     r"key 'variants\.kaiming\.gain' = 'tahn': gain must be a number > 0 or one of linear, .*"
+     r"tanh, relu, selu; got 'tahn'"),
+    ("split.block_size", "block_size: 0",
+     r"key 'split\.block_size' = 0: Input should be greater than or equal to 1"),
+    ("model.n_embd", "n_embd: 0",
+     r"key 'model\.n_embd' = 0: Input should be greater than or equal to 1"),
+    ("model.n_hidden", "n_hidden: -5",
+     r"key 'model\.n_hidden' = -5: Input should be greater than or equal to 1"),
+    ("train.seeds", "seeds: [1, 2, 1]",
+     r"key 'train\.seeds' = \[1, 2, 1\]: seeds must be distinct"),
+    ("variants.kaiming.w2_scale", "w2_scale: -0.01",
+     r"key 'variants\.kaiming\.w2_scale' = -0\.01: Input should be greater than or equal to 0"),
+    ("data.sha256", "sha256: 0a30b5",
+     r"key 'data\.sha256' = '0a30b5': sha256 must be 64 hexadecimal digits"),
+    ("train.record_every", "record_every: 0",
+     r"key 'train\.record_every' = 0: Input should be greater than or equal to 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "new", "pattern"), ERRORS, ids=[e[1] for e in ERRORS])
+def test_error_names_file_line_and_key(tmp_path, key, new, pattern):
+    path, line = edit(tmp_path, key, new)
+    msg = error_of(path)
+    assert re.search(re.escape(f"{path}:{line}: ") + f"(?:{pattern})", msg), msg
+
+
+def test_key_a_variant_would_ignore(tmp_path):
+    path, line = edit(tmp_path, "variants.batchnorm.batchnorm", "batchnorm: true\nb1_scale: 0.5")
+    msg = error_of(path)
+    assert f"{path}:{line + 1}: key 'variants.batchnorm.b1_scale' = 0.5: " in msg
+    assert "a BatchNorm variant has no b1" in msg
+
+
+def test_every_error_is_listed(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = BASE.replace("  lr: 0.1", "  lr: -1").replace("  n_embd: 10", "  n_emdb: 10")
+    path.write_text(text, encoding="utf-8")
+    msg = error_of(path)
+    assert "key 'train.lr' = -1" in msg and "unknown key 'model.n_emdb'" in msg
+
+
+def test_duplicate_key(tmp_path):
+    path, first = edit(tmp_path, "train.lr", "lr: 0.1\nlr: 0.2")
+    msg = error_of(path)
+    assert f"{path}:{first + 1}: duplicate key 'train.lr' (first at line {first})" in msg
+
+
+def test_yaml_syntax_error(tmp_path):
+    path, _ = edit(tmp_path, "train.seeds", "seeds: [1, 2")
+    assert re.search(rf"^{re.escape(str(path))}:\d+:\d+: not valid YAML: ", error_of(path))
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    ("", "expected a mapping of sections at the top level"),
+    ("- a\n- b\n", "expected a mapping of sections at the top level"),
+    ("split: {}\nvariants: {a: {}}\n", r"params\.yaml: key 'data' is required but missing"),
+    ("data: {url: x, sha256: " + "0" * 63 + "a}\nvariants: {}\n",
+     r"params\.yaml:2: key 'variants' = \{\}: Dictionary should have at least 1 item"),
+    ("data: {url: x, sha256: " + "0" * 63 + "a}\nvariants: {'a b': {}}\n",
+     r"params\.yaml:2: key 'variants\.a b' .*variant name 'a b' must be letters"),
+], ids=["empty", "list", "missing section", "no variant", "variant name"])  # fmt: skip
+def test_file_level_errors(tmp_path, text, pattern):
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert re.search(pattern, error_of(path)), error_of(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match=r"nothere\.yaml: cannot read parameters"):
+        params.validate(tmp_path / "nothere.yaml")
+
+
+def test_uppercase_sha256_is_accepted(tmp_path):
+    sha = "0A30B5557F192F32AB962680889AAC5F6FDA0F4CECF40A6D0B5694F58EA8CC4D"
+    p = params.validate(edit(tmp_path, "data.sha256", f"sha256: {sha}")[0])
+    assert p.data.sha256 == sha.lower()
+
+
+@pytest.mark.parametrize(("momentum", "meant"), [
+    ("0.999", "0.999 meant as 0.001"), ("0.9", "0.9 meant as 0.1"), ("0.51", "0.51 meant as 0.49"),
+    ("1", "1 would mean no update at all"),
+])  # fmt: skip
+def test_momentum_in_the_keras_convention_warns(tmp_path, momentum, meant):
+    path, line = edit(tmp_path, "variants.batchnorm.momentum", f"momentum: {momentum}")
+    with pytest.warns(ParamsWarning) as record:
+        params.validate(path)
+    (w,) = record
+    assert str(w.message).startswith(f"{path}:{line}: key 'variants.batchnorm.momentum': ")
+    assert f"almost surely the Keras convention: {meant}" in str(w.message)
+    # a stage is warned only about keys it reads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params.load(path, ["train", "variants.kaiming"])
+    with pytest.warns(ParamsWarning, match="Keras convention"):
+        params.load(path, ["variants.batchnorm"])
+
+
+def test_stage_prints_the_warning_then_works(tmp_path):
+    """A stage shows the warning as one plain line on stderr (here it then fails on
+    its missing input, as it would have without the warning)."""
+    path, line = edit(tmp_path, "variants.batchnorm.momentum", "momentum: 0.999")
+    proc = run([sys.executable, "-m", "stages.train", "--params", str(path), "--variant",
+                "batchnorm", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m"),
+                "--curve", str(tmp_path / "c.csv")], cwd=ROOT, check=False)  # fmt: skip
+    assert proc.stderr.startswith(f"warning: {path}:{line}: key 'variants.batchnorm.momentum': ")
+    assert proc.returncode == 1 and "error: [Errno 2] No such file" in proc.stderr
+
+
+@pytest.mark.parametrize("momentum", ["0.001", "0.1", "0.5"])
+def test_momentum_without_warning(tmp_path, momentum):
+    path, _ = edit(tmp_path, "variants.batchnorm.momentum", f"momentum: {momentum}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params.validate(path)
+
+
+def test_unknown_variant_requested(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(BASE, encoding="utf-8")
+    with pytest.raises(ParamsError, match=r"params\.yaml: no key 'variants\.nope'"):
+        params.load(path, ["variants.nope"])
+
+
+# ----------------------------------------------------- declared params (dvc.yaml)
+
+
+def dvc_stages(root: Path = ROOT) -> dict[str, tuple[str, list[str]]]:
+    """Every stage of ``root``'s dvc.yaml, foreach expanded over its params.yaml:
+    name -> (module, declared params)."""
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    variants = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))["variants"]
+    out = {}
+    for name, stage in dvc["stages"].items():
+        if "foreach" in stage:
+            assert stage["foreach"] == "${variants}"
+            for key in variants:
+                body = yaml.safe_dump(stage["do"]).replace("${key}", key)
+                out[f"{name}@{key}"] = yaml.safe_load(body)
+        else:
+            out[name] = stage
+    result = {}
+    for name, stage in out.items():
+        module = re.search(r"python -m (stages\.\w+)", stage["cmd"]).group(1)
+        declared = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+        result[name] = (module, declared)
+    return result
+
+
+STAGES = dvc_stages()
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_declared_params_equal_the_module_params(stage):
+    module, declared = STAGES[stage]
+    variant = stage.partition("@")[2]
+    expected = [k.format(variant=variant) for k in importlib.import_module(module).PARAMS]
+    assert declared == expected
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_load_hands_out_only_declared_keys(stage, monkeypatch):
+    """params.load as the stage calls it records in HANDED_OUT only declared keys."""
+    module, declared = STAGES[stage]
+    variant = stage.partition("@")[2]
+    keys = [k.format(variant=variant) for k in importlib.import_module(module).PARAMS]
+    monkeypatch.setattr(params, "HANDED_OUT", set())
+    values = params.load(ROOT / "params.yaml", keys)
+    assert set(values) == set(keys)
+    assert params.HANDED_OUT and all(covered(k, declared) for k in params.HANDED_OUT)
+
+
+def covered(key: str, declared: list[str]) -> bool:
+    """Whether dvc tracks ``key`` through one of the ``declared`` params."""
+    return any(key == d or key.startswith(d + ".") for d in declared)
