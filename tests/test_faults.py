@@ -35,7 +35,10 @@ from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
 from charlm.model import build_mlp
-from stages.train import curve_rows, diverged_steps
+from stages.evaluate import evaluate
+from stages.params import EvaluateConfig
+from stages.split import split
+from stages.train import curve_rows, diverged_steps, train
 
 pytestmark = pytest.mark.integration
 
@@ -193,6 +196,30 @@ def test_divergence_on_the_last_update_is_caught():
     result = engine.TrainResult(loss=torch.ones(10, 2), diverged_at=[None, None],
                                 record_steps=torch.zeros(0))  # fmt: skip
     assert diverged_steps(result, model, 10) == [None, 10]
+
+
+def test_a_model_whose_evaluation_overflows_counts_as_diverged(tmp_path):
+    """Finite training losses but an infinite split loss: flagged, null, not averaged."""
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"{a}{b}{c}" for a in "abcde" for b in "aeiou" for c in "nrst"))
+    processed, models = tmp_path / "processed", tmp_path / "models"
+    split(names, processed, seed=42, train_frac=0.8, val_frac=0.1, block_size=3)
+    cfg = TrainConfig(seeds=[1, 2, 3], max_steps=20, lr_decay_step=10, record_every=10,
+                      device="cpu")  # fmt: skip
+    summary = train("v", processed, models, tmp_path / "c.csv", ModelConfig(), cfg,
+                    VariantConfig())  # fmt: skip
+    assert summary["diverged_at"] == [None, None, None]
+    checkpoint = torch.load(models / "model.pt")
+    checkpoint["state_dict"]["W2"][1] = 3e38  # finite weights, overflowing logits
+    torch.save(checkpoint, models / "model.pt")
+    m = evaluate(processed, models, tmp_path / "eval", EvaluateConfig(n_samples=2, n_novelty=0))
+    assert m["per_seed"]["diverged"] == [False, True, False]
+    assert m["per_seed"]["diverged_at"] == [None, None, None] and m["n_diverged"] == 1
+    assert m["per_seed"]["val"][1] is None
+    assert m["mean"]["val"] == pytest.approx(
+        (m["per_seed"]["val"][0] + m["per_seed"]["val"][2]) / 2
+    )
+    strict_json(tmp_path / "eval" / "metrics.json")
 
 
 def test_the_loss_curve_stops_where_the_seed_diverged():
