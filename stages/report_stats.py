@@ -21,6 +21,7 @@ import yaml
 
 SPLITS = ("train", "val", "test")
 LEVEL = 0.95  # confidence level of the paired intervals
+DIAGNOSTICS_FORMAT = 2  # the layout of diagnostics.pt that stages/evaluate.py writes
 
 
 @dataclass
@@ -36,19 +37,31 @@ class Inputs:
 
 
 def load(params_path: str, eval_dir: str, data_dir: str, variants: list[str]) -> Inputs:
-    """Read params.yaml, data/processed/counts.json and each variant's evaluate outputs."""
+    """Read params.yaml, data/processed/counts.json and each variant's evaluate outputs.
+
+    Raises:
+        ValueError: a diagnostics.pt written by an older evaluate stage (rerun it).
+    """
     ev = Path(eval_dir)
 
     def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
 
+    diagnostics = {}
+    for v in variants:
+        path = ev / v / "diagnostics.pt"
+        diagnostics[v] = torch.load(path, weights_only=True)
+        if diagnostics[v].get("format") != DIAGNOSTICS_FORMAT:
+            raise ValueError(
+                f"{path} was written by an older evaluate stage; rerun it (dvc repro evaluate@{v})"
+            )
     return Inputs(
         params=yaml.safe_load(Path(params_path).read_text(encoding="utf-8")),
         counts=read_json(Path(data_dir) / "counts.json"),
         variants=list(variants),
         metrics={v: read_json(ev / v / "metrics.json") for v in variants},
         samples={v: read_json(ev / v / "samples.json") for v in variants},
-        diagnostics={v: torch.load(ev / v / "diagnostics.pt", weights_only=True) for v in variants},
+        diagnostics=diagnostics,
     )
 
 
@@ -265,12 +278,17 @@ def seed_rows(inputs: Inputs) -> list[dict]:
     return rows
 
 
+def diverged(inputs: Inputs, v: str) -> list[bool]:
+    """Per seed, whether it diverged (non-finite training loss or split losses)."""
+    ps = inputs.metrics[v]["per_seed"]
+    if "diverged" in ps:
+        return [bool(d) for d in ps["diverged"]]
+    return [d is not None for d in ps["diverged_at"]]
+
+
 def first_good_seed(inputs: Inputs, v: str) -> int | None:
     """Index of the first seed that did not diverge (0, the canonical one, normally)."""
-    for i, d in enumerate(inputs.metrics[v]["per_seed"]["diverged_at"]):
-        if d is None:
-            return i
-    return None
+    return next((i for i, bad in enumerate(diverged(inputs, v)) if not bad), None)
 
 
 # ---- sentences --------------------------------------------------------------------------
