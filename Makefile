@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NAMES_MIRROR ?= $(wildcard $(CURDIR)/../shared/data/names.txt)
 export NAMES_MIRROR
 
-.PHONY: repro test bench sweep-report lint clean-venv
+.PHONY: repro test bench sweep sweep-report lint clean-venv
 
 $(STAMP): requirements.txt
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	python -m benchmarks.bench
+
+# Queue a gain sweep on DVC's experiment queue and run it with two single-threaded workers.
+sweep: $(STAMP)
+	dvc exp run --queue -S 'variants.kaiming.gain=range(0.5,3.01,0.25)'
+	OMP_NUM_THREADS=1 dvc queue start -j 2
 
 sweep-report: $(STAMP)
 	python -m stages.sweep_report --out reports/sweep.html
