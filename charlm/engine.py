@@ -1,25 +1,68 @@
 """Training engine: S models (one per seed) trained at once by minibatch SGD.
 
-Why a hand-written backward pass: the model is tiny (about 1.1 M multiply-adds per
-model-step), so eager autograd spends most of each step on per-op overhead (graph
-construction, ~40 small kernels forward and back for a single model). Batching the S
-seeds into ``torch.bmm`` calls and writing the backward pass out (about 30 ops per
-step whatever S is) removes that overhead; the benchmark (``make bench``) measures it
-against the lecture's loop, and ``tests/test_engine.py`` checks these gradients against
-autograd. torch.func.vmap(grad(...)) was the alternative: it still pays autograd's
-per-op cost on every step.
+Why a hand-written backward pass: the model is tiny (1.1 M multiply-adds per
+model-step), so eager autograd spends most of a step on per-op overhead (~40 small
+kernels and a graph per model). Here the S seeds share ``torch.bmm`` calls and the
+backward pass is written out (~22 ops per step, ~50 with BatchNorm, whatever S).
+
+Exactness: every value is the one autograd computes for the lecture's code, bit for
+bit, so the engine reproduces the lecture's run itself, not just its statistics: the
+canonical seed's 200,000-step loss curve equals the lecture loop's at every step for
+naive (chaotic: its saturated tanh amplifies any ulp) and kaiming; for batchnorm up
+to step 76,427 and within 1.9e-6 after, the final split losses equal to 5 decimals
+(one of its 15 million batch stds rounded the other way, see ``_batchnorm_forward``).
+How: the same kernels in the same order on the same
+operands. ``_log_softmax_backward_data`` and ``tanh_backward`` are autograd's own;
+logits are ``bmm`` then ``+ b2`` (``baddbmm`` rounds differently); the update is
+``p += (-lr) * grad`` in two roundings like ``p.data += -lr * p.grad`` (``add_`` with
+``alpha`` fuses them); BatchNorm's backward replays autograd's nodes term by term;
+the recorded loss replays ``nll_loss``'s summation order (``nll_mean``). The one
+substitute: ``Tensor.std`` (a float64 Welford pass, 9 ns per element here, as slow as
+the rest of the step) is replaced by float64 sums that round to the same float32.
+
+Speed, by measurement (``make bench``: the lecture's loop and this engine side by side;
+2-core AVX-512 Zen 4, PyTorch 2.13 CPU with MKL):
+    - workers: ``train`` runs groups of seeds in worker threads (one per core) with
+      single-threaded ops, instead of torch's intra-op threads. Intra-op threads barely
+      help ~50 small ops per step, and on a machine shared with other jobs their
+      spinning made steps 2x to 50x slower; worker threads degrade to one core's speed.
+    - groups of at most 16 seeds (``MAX_GROUP``): 64 seeds in one group ran 10-15%
+      slower per model than groups of 16 (cache), groups of 4-8 pay more per-op cost.
+    - padding: V = 27 and T*E = 30 as a GEMM's free dimension hit MKL's slow edge
+      kernels (8.2-8.5 against 5.0 us per model for N = 32). W2 is stored (S, H, 32)
+      with zero columns and b2 (S, 32) with -inf columns, W1 (S, 32, H) with zero rows:
+      padded GEMMs are bitwise the unpadded ones (same K-loop, zeros add exactly),
+      log_softmax over -inf columns is bitwise the 27-wide one, pads stay 0 / -inf.
+    - b1 is row 30 of the padded W1 and embcat's column 30 is 1: MKL's K-loop ends with
+      acc + 1 * b1, bitwise ``(embcat @ W1) + b1``, one elementwise pass fewer.
+    - one flat parameter buffer and one flat gradient buffer, so the update is two ops;
+      preallocated buffers written with ``out=``; scalars as 0-dim tensors (a Python
+      scalar costs a conversion op per call); indices drawn and gathered per ``CHUNK``.
+    - what is left: GEMMs at ~70% of one core's sgemm peak (~31 us per model-step)
+      and ``torch.tanh`` (Sleef, 2.5 ns per element, 16 us per model-step) are ~75% of
+      the time; both are needed bit for bit.
+    - rejected: ``torch.compile`` (inductor): 15 s to build even a lone tanh on an idle
+      machine, and its tanh differs from ATen's in 108 of 51,200 values (only 1.3x
+      faster). tanh as 2 sigmoid(2x) - 1: 5x faster than ``torch.tanh``, 64-seed steps
+      13% faster, but not bitwise: after 2,000 steps the canonical seed's loss differs
+      from the lecture's by up to 7e-7 (kaiming), 5e-7 (batchnorm) and 0.46 (naive,
+      chaotic); after 200,000, by up to 1.3e-5 with final losses equal to 5 decimals.
+      ``torch.func.vmap(grad(...))`` still pays autograd's per-op cost every step.
 
 Randomness: model s draws its minibatch indices from its own ``generators[s]``, one
 ``randint(0, n, (batch_size,))`` per step as in the lecture (drawn ``CHUNK`` steps at a
-time, which yields the identical sequence), so a seed trained inside a batch of seeds
-follows the same trajectory as the seed trained alone.
+time, which yields the identical sequence), and every op is per model, so a seed
+trained inside a batch of seeds, in any group or worker, follows the trajectory of the
+seed trained alone, bit for bit.
 """
 
 from __future__ import annotations
 
-
+import itertools
+import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +73,10 @@ from charlm.model import MLP
 CHUNK = 1000  # steps of minibatch indices drawn at once per generator
 
 WEIGHTS = ("C", "W1", "W2")  # matrices whose update:data ratio is recorded
+
+MAX_GROUP = 16  # largest group of seeds one worker steps together (cache-sized)
+
+PAD = 16  # free GEMM dimensions are padded to a multiple of this (one AVX-512 vector)
 
 
 @dataclass
@@ -53,11 +100,266 @@ class TrainResult:
     seconds: float = 0.0
 
 
-class _Grads:
-    """Preallocated gradient buffers, one per parameter, same shapes."""
+def _round_up(n: int, m: int = PAD) -> int:
+    return -(-n // m) * m
 
-    def __init__(self, model: MLP):
-        self.by_name = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+
+def nll_mean(nll: torch.Tensor) -> torch.Tensor:
+    """Mean over the last dim, summed in the order of ATen's CPU ``nll_loss``.
+
+    ``F.cross_entropy(..., reduction='mean')`` sums the B per-example losses with a
+    cascade of 8 partial sums flushed every 2**p examples (``nll_loss_out_frame`` in
+    ATen's LossNLL.cpp, p = max(4, ceil(log2 B) / 8)); replaying it makes the recorded
+    loss bitwise the lecture's ``loss.item()``. (N, B) float32 -> (N,).
+    """
+    B = nll.shape[-1]
+    levels = 8
+    power = max(4, math.ceil(math.log2(B)) // levels) if B > 1 else 4
+    mask = (1 << power) - 1
+    partial = [torch.zeros_like(nll[..., 0]) for _ in range(levels)]
+    for b in range(B):
+        partial[0] = partial[0] + nll[..., b]
+        for j in range(levels - 1):
+            if b & (mask << (j * power)):
+                break
+            partial[j + 1] = partial[j + 1] + partial[j]
+            partial[j] = torch.zeros_like(partial[j])
+    total = torch.zeros_like(partial[0])
+    for p in partial:
+        total = total + p
+    return total / B
+
+
+class _Step:
+    """Buffers and the op sequence of one training step for S models of one shape.
+
+    Parameters live in one flat buffer ``P`` and their gradients in ``G`` (same layout,
+    padded as the module docstring says); ``views(P)`` and ``views(G)`` give the tensors
+    by name. The model itself is only read by ``load`` and written by ``store``.
+    """
+
+    def __init__(self, model: MLP, B: int, seeds: slice | None = None):
+        self.seeds = seeds = seeds or slice(0, model.n_models)
+        S = seeds.stop - seeds.start
+        V, T = model.vocab_size, model.block_size
+        E, H = model.C.shape[2], model.W1.shape[2]
+        Vp, Kp = _round_up(V), _round_up(T * E + 1)
+        self.S, self.B, self.V, self.T, self.E, self.H, self.Vp, self.Kp = (
+            S, B, V, T, E, H, Vp, Kp,
+        )  # fmt: skip
+        self.bn = model.bn is not None
+        m = model.bn.momentum if self.bn else 0.0
+        dev, dt = model.C.device, model.C.dtype
+        self.dtype = dt
+        # Python scalars as 0-dim CPU tensors of the op's dtype: same rounding (a Python
+        # float is cast to the tensor's dtype by the op anyway), no conversion per call
+        k = {"B": B, "m": m, "1-m": 1 - m, "2/(B-1)": 2.0 / (B - 1), "-lr": 0.0}
+        self.k = {name: torch.tensor(float(v), dtype=dt) for name, v in k.items()}
+        self.k["B-1 f64"] = torch.tensor(B - 1.0, dtype=torch.float64)
+        self.lr = 0.0
+        # b1 is row T*E of the padded W1 (embcat's column T*E is 1): (embcat @ W1) + b1
+        # rounds exactly as the K-loop's last FMA, 1 * b1 + acc
+        shapes = {"C": (S, V, E), "W1": (S, Kp, H)}
+        if self.bn:
+            shapes.update({"bn.gain": (S, H), "bn.bias": (S, H)})
+        shapes.update({"W2": (S, H, Vp), "b2": (S, Vp)})
+        self.shapes = shapes
+        self.P = torch.zeros(sum(math.prod(s) for s in shapes.values()), device=dev, dtype=dt)
+        self.G = torch.zeros_like(self.P)
+        p, g = self.views(self.P), self.views(self.G)
+        self.p, self.g = p, g
+        empty = lambda *shape: torch.empty(shape, device=dev, dtype=dt)  # noqa: E731
+        TE = T * E
+        # forward
+        self.Cflat = p["C"].view(S * V, E)
+        self.emb = empty(S * B * T, E)  # index_select writes rows of E
+        self.embcat = torch.zeros(S, B, Kp, device=dev, dtype=dt)  # (S, B, Kp), pads stay 0
+        self.embcat_TE = self.embcat[:, :, :TE]
+        if not self.bn:
+            self.embcat[:, :, TE] = 1.0  # multiplies b1
+        self.emb_TE = self.emb.view(S, B, TE)
+        self.embcatT = self.embcat.transpose(1, 2)
+        self.W1, self.W1T = p["W1"], p["W1"].transpose(1, 2)  # (S, Kp, H), (S, H, Kp)
+        self.hpre = empty(S, B, H)
+        self.h = empty(S, B, H)
+        self.hT = self.h.transpose(1, 2)
+        self.W2 = p["W2"]
+        self.W2T = p["W2"][:, :, :V].transpose(1, 2)  # (S, V, H): K = V is faster than Vp
+        self.b2 = p["b2"].unsqueeze(1)  # (S, 1, Vp)
+        self.logits = empty(S, B, Vp)
+        self.lp = empty(S, B, Vp)
+        self.onehot = empty(S * B, Vp)  # -1/B at the target, else 0
+        self.onehot3 = self.onehot.view(S, B, Vp)
+        self.table = torch.eye(Vp, device=dev, dtype=dt) * (-1.0 / B)
+        # backward
+        self.dlogits = empty(S, B, Vp)
+        self.dlogits_V = self.dlogits[:, :, :V]
+        self.gb2 = g["b2"][:, :V]
+        self.dh = empty(S, B, H)
+        self.dhpre = empty(S, B, H)
+        self.demb = empty(S, B, Kp)
+        self.demb_rows = empty(S, B, TE)
+        self.demb_src = self.demb_rows.view(S * B * T, E)
+        self.demb_view = self.demb[:, :, :TE]
+        self.gCflat = g["C"].view(S * V, E)
+        if self.bn:
+            self.gain, self.bias = p["bn.gain"].unsqueeze(1), p["bn.bias"].unsqueeze(1)
+            self.stats = empty(2, S, 1, H)  # batch mean and std
+            self.mean, self.std = self.stats[0], self.stats[1]
+            self.running = empty(2, S, H)  # running mean and std
+            self.stats_m = empty(2, S, 1, H)
+            self.hpre_f64 = torch.empty(S, B, H, device=dev, dtype=torch.float64)
+            self.s1 = torch.empty(S, 1, H, device=dev, dtype=torch.float64)
+            self.s2 = torch.empty(S, 1, H, device=dev, dtype=torch.float64)
+            self.a = empty(S, B, H)  # hpre - mean
+            self.b = empty(S, B, H)  # gain * a
+            self.c = empty(S, B, H)  # b / std
+            self.t = empty(S, B, H)
+            self.dc = empty(S, B, H)
+            self.small = [empty(S, 1, H) for _ in range(4)]
+        else:
+            self.gb1 = g["W1"][:, TE]  # (S, H)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for name, shape in self.shapes.items():
+            n = math.prod(shape)
+            out[name] = flat[i : i + n].view(shape)
+            i += n
+        return out
+
+    def unpadded(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` (P or G) with the model's shapes (non-contiguous)."""
+        v = self.views(flat)
+        TE, V = self.T * self.E, self.V
+        if not self.bn:
+            v["b1"] = v["W1"][:, TE]
+        v["W1"], v["W2"], v["b2"] = v["W1"][:, :TE], v["W2"][..., :V], v["b2"][..., :V]
+        return v
+
+    @torch.no_grad()
+    def load(self, model: MLP) -> None:
+        """Copy the model's parameters (and BatchNorm buffers) into the buffers."""
+        self.P.zero_()
+        self.views(self.P)["b2"].fill_(-math.inf)  # padded logits are -inf: softmax 0
+        sl = self.seeds
+        for name, t in self.unpadded(self.P).items():
+            t.copy_(model.get_parameter(name)[sl])
+        if self.bn:
+            self.running[0].copy_(model.bn.running_mean[sl])
+            self.running[1].copy_(model.bn.running_std[sl])
+
+    @torch.no_grad()
+    def store(self, model: MLP) -> None:
+        """Copy the buffers back into the model's parameters (and BatchNorm buffers)."""
+        sl = self.seeds
+        for name, t in self.unpadded(self.P).items():
+            model.get_parameter(name)[sl] = t
+        if self.bn:
+            model.bn.running_mean[sl] = self.running[0]
+            model.bn.running_std[sl] = self.running[1]
+
+    def step(
+        self, flat: torch.Tensor, tgt: torch.Tensor, tgt_flat: torch.Tensor, nll: torch.Tensor
+    ) -> None:
+        """Forward and backward for one minibatch; gradients into ``G``.
+
+        Args:
+            flat: int64 (S*B*T,), indices into C viewed as (S*V, E).
+            tgt: int64 (S, B, 1) targets; tgt_flat: the same as (S*B,).
+            nll: float32 (S, B, 1), receives log-probabilities of the targets.
+        """
+        bmm = torch.bmm
+        # forward: embcat @ W1 (+ b1 | BatchNorm), tanh, @ W2 + b2, log_softmax
+        torch.index_select(self.Cflat, 0, flat, out=self.emb)
+        self.embcat_TE.copy_(self.emb_TE)
+        bmm(self.embcat, self.W1, out=self.hpre)
+        hpreact = self._batchnorm_forward() if self.bn else self.hpre  # b1 included
+        torch.tanh(hpreact, out=self.h)
+        bmm(self.h, self.W2, out=self.logits)
+        self.logits.add_(self.b2)
+        torch.ops.aten._log_softmax.out(self.logits, 2, False, out=self.lp)
+        torch.gather(self.lp, 2, tgt, out=nll)
+        # backward: autograd's nll_loss (mean) and log_softmax kernels
+        torch.index_select(self.table, 0, tgt_flat, out=self.onehot)
+        torch.ops.aten._log_softmax_backward_data.out(
+            self.onehot3, self.lp, 2, self.dtype, out=self.dlogits
+        )
+        g = self.g
+        bmm(self.hT, self.dlogits, out=g["W2"])
+        torch.sum(self.dlogits_V, 1, out=self.gb2)  # V wide: autograd's summation order
+        bmm(self.dlogits_V, self.W2T, out=self.dh)
+        torch.ops.aten.tanh_backward.grad_input(self.dh, self.h, grad_input=self.dhpre)
+        dhpre = self._batchnorm_backward(self.dhpre) if self.bn else self.dhpre
+        bmm(self.embcatT, dhpre, out=g["W1"])
+        if not self.bn:  # overwrite the GEMM's row sum with autograd's summation order
+            torch.sum(dhpre, 1, out=self.gb1)
+        bmm(dhpre, self.W1T, out=self.demb)
+        self.demb_rows.copy_(self.demb_view)
+        self.gCflat.zero_()
+        self.gCflat.index_add_(0, flat, self.demb_src)
+
+    def _batchnorm_forward(self) -> torch.Tensor:
+        """gain * (hpre - mean) / std + bias with the lecture's rounding; running update.
+
+        mean: float32 sum / B, bitwise ``Tensor.mean``. std: unbiased, sqrt of
+        (sum d^2 - (sum d)^2 / B) / (B - 1) with d = hpre - mean exact in float64, then
+        rounded to float32. ``Tensor.std`` runs Welford's algorithm in float64 (9 ns
+        per element on this CPU: 57 us per model-step); both are accurate to ~1e-16, so
+        they round to the same float32 except when the value lies within ~1e-16 of a
+        rounding boundary: 0 of 640,000 random values, 1 of the 15.3 million of the
+        canonical 200,000-step run (step 76,426, 1 ulp). Running buffers:
+        (1 - m) * running + m * batch in three roundings, as
+        ``0.999 * running + 0.001 * batch``.
+        """
+        k = self.k
+        torch.sum(self.hpre, 1, keepdim=True, out=self.mean)
+        self.mean.div_(k["B"])
+        d = self.hpre_f64.copy_(self.hpre).sub_(self.mean)  # exact in float64
+        torch.sum(d, 1, keepdim=True, out=self.s1)
+        torch.sum(d.square_(), 1, keepdim=True, out=self.s2)
+        var = self.s2.addcmul_(self.s1, self.s1, value=-1.0 / self.B).div_(k["B-1 f64"])
+        self.std.copy_(var.sqrt_())
+        torch.sub(self.hpre, self.mean, out=self.a)
+        torch.mul(self.a, self.gain, out=self.b)
+        torch.div(self.b, self.std, out=self.c)
+        torch.mul(self.stats, k["m"], out=self.stats_m)
+        self.running.mul_(k["1-m"]).add_(self.stats_m.squeeze(2))
+        return torch.add(self.c, self.bias, out=self.hpre)
+
+    def _batchnorm_backward(self, dout: torch.Tensor) -> torch.Tensor:
+        """Autograd's backward of the lecture's BatchNorm expression, node by node.
+
+        out = c + bias, c = b / std, b = gain * a, a = hpre - mean, with mean and std
+        functions of hpre. Grad of hpre = (da + dstd-term) + dmean-term, accumulated in
+        the order autograd's engine runs the nodes (Sub, then Std, then Mean). Negated
+        terms are kept positive and subtracted: rounding is symmetric, so the bits agree.
+        """
+        g, k = self.g, self.k
+        neg_dstd, neg_dmean, coef, _ = self.small
+        torch.sum(dout, 1, out=g["bn.bias"])  # AddBackward: sum_to_size
+        torch.div(dout, self.std, out=self.dc)  # DivBackward, self: grad / other
+        torch.div(self.c, self.std, out=self.t)  # other: -grad * ((self / other) / other)
+        self.t.mul_(dout)
+        torch.sum(self.t, 1, keepdim=True, out=neg_dstd)
+        torch.mul(self.dc, self.a, out=self.t)  # MulBackward, gain: grad * a
+        torch.sum(self.t, 1, out=g["bn.gain"])
+        da = self.dc.mul_(self.gain)  # MulBackward, a: grad * gain
+        torch.sum(da, 1, keepdim=True, out=neg_dmean)  # SubBackward, mean: -grad
+        # StdBackward: (2 / (B - 1)) * (grad / (std * 2)) * (hpre - mean)
+        torch.add(self.std, self.std, out=coef)  # std * 2, exactly
+        torch.div(neg_dstd, coef, out=coef).mul_(k["2/(B-1)"])  # -coefficient
+        torch.mul(self.a, coef, out=self.t)
+        da.sub_(self.t)
+        # MeanBackward: grad.expand(B, H) / B
+        return da.sub_(neg_dmean.div_(k["B"]))
+
+    def scale_grads_(self, lr: float) -> None:
+        """G = (-lr) * G, the first rounding of the lecture's ``p.data += -lr * p.grad``."""
+        if lr != self.lr:
+            self.lr = lr
+            self.k["-lr"].fill_(-lr)  # float32(-lr), as the op would cast it
+        self.G.mul_(self.k["-lr"])
 
 
 def forward_backward(
@@ -74,72 +376,92 @@ def forward_backward(
     Returns:
         float32 (S,), each model's mean cross-entropy on its minibatch, in nats.
 
-    Formulas: softmax cross-entropy dlogits = (softmax(logits) - onehot) / B;
-    tanh' = 1 - tanh^2; BatchNorm with unbiased std sigma (n = B):
-    dx = (dxhat - mean(dxhat) - xhat * sum(dxhat * xhat) / (n - 1)) / sigma
-    (makemore part 4, "becoming a backprop ninja", adapted to the n - 1 estimator).
+    Every value is bitwise what autograd gives for the lecture's code (see the module
+    docstring). ``train`` runs the same step on persistent buffers.
     """
-    S, B, T = idx.shape
-    V = model.vocab_size
-    C, W1, W2, b2 = model.C.data, model.W1.data, model.W2.data, model.b2.data
-    E = C.shape[2]
-    # forward
-    flat = (idx + V * torch.arange(S, device=idx.device).view(S, 1, 1)).view(-1)  # (S*B*T,)
-    embcat = C.view(S * V, E)[flat].view(S, B, T * E)  # (S, B, T*E)
-    hpre = torch.bmm(embcat, W1)  # (S, B, H)
-    bn = model.bn
-    if bn is not None:
-        mean = hpre.mean(1, keepdim=True)  # (S, 1, H)
-        std = hpre.std(1, keepdim=True)  # (S, 1, H), unbiased as in the lecture
-        xhat = (hpre - mean) / std
-        hpreact = bn.gain.data.unsqueeze(1) * xhat + bn.bias.data.unsqueeze(1)
-        m = bn.momentum
-        bn.running_mean.mul_(1 - m).add_(m * mean.squeeze(1))
-        bn.running_std.mul_(1 - m).add_(m * std.squeeze(1))
-    else:
-        hpreact = hpre + model.b1.data.unsqueeze(1)
-    h = torch.tanh(hpreact)  # (S, B, H)
-    logits = torch.baddbmm(b2.unsqueeze(1), h, W2)  # (S, B, V)
-    logprobs = torch.log_softmax(logits, dim=2)
-    tgt = targets.unsqueeze(2)  # (S, B, 1)
-    loss = -logprobs.gather(2, tgt).squeeze(2).mean(1)  # (S,)
-    # backward
-    dlogits = logprobs.exp_()  # softmax, reusing the buffer
-    dlogits.scatter_add_(2, tgt, torch.full_like(tgt, -1, dtype=dlogits.dtype))
-    dlogits.div_(B)
-    torch.bmm(h.transpose(1, 2), dlogits, out=grads["W2"])
-    torch.sum(dlogits, 1, out=grads["b2"])
-    dh = torch.bmm(dlogits, W2.transpose(1, 2))  # (S, B, H)
-    dhpreact = torch.ops.aten.tanh_backward(dh, h)  # dh * (1 - h^2), autograd's kernel
-    if bn is not None:
-        torch.sum(dhpreact * xhat, 1, out=grads["bn.gain"])
-        torch.sum(dhpreact, 1, out=grads["bn.bias"])
-        dxhat = dhpreact.mul_(bn.gain.data.unsqueeze(1))
-        dhpre = (
-            dxhat
-            - dxhat.mean(1, keepdim=True)
-            - xhat * ((dxhat * xhat).sum(1, keepdim=True) / (B - 1))
-        ) / std
-    else:
-        torch.sum(dhpreact, 1, out=grads["b1"])
-        dhpre = dhpreact
-    torch.bmm(embcat.transpose(1, 2), dhpre, out=grads["W1"])
-    dembcat = torch.bmm(dhpre, W1.transpose(1, 2))  # (S, B, T*E)
-    dC = grads["C"].view(S * V, E)
-    dC.zero_()
-    dC.index_add_(0, flat, dembcat.view(S * B * T, E))
-    return loss
+    S, B, _ = idx.shape
+    step = _Step(model, B)
+    step.load(model)
+    flat = (idx + model.vocab_size * torch.arange(S, device=idx.device).view(S, 1, 1)).view(-1)
+    nll = torch.empty(S, B, 1, device=idx.device, dtype=step.dtype)
+    with torch.no_grad():
+        step.step(flat, targets.unsqueeze(2), targets.reshape(-1), nll)
+        for name, g in step.unpadded(step.G).items():
+            grads[name].copy_(g)
+        if step.bn:
+            model.bn.running_mean.copy_(step.running[0])
+            model.bn.running_std.copy_(step.running[1])
+    return -nll_mean(nll.squeeze(2))
 
 
 def sgd_update_(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
-    """p = p - lr * grad for every parameter (the lecture's ``p.data += -lr * p.grad``)."""
-    torch._foreach_add_(params, grads, alpha=-lr)
+    """p = p + (-lr * grad), two roundings as the lecture's ``p.data += -lr * p.grad``."""
+    torch._foreach_add_(params, torch._foreach_mul(grads, -lr))
 
 
-def _update_ratio(p: torch.Tensor, g: torch.Tensor, lr: float) -> torch.Tensor:
-    """log10(std(lr * grad) / std(p)) per model: (S, ...) -> (S,)."""
+def _update_ratio(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """log10(std(g) / std(p)) per model: (S, ...) -> (S,); ``g`` is already -lr * grad."""
     S = p.shape[0]
-    return ((lr * g).reshape(S, -1).std(1) / p.reshape(S, -1).std(1)).log10()
+    return (g.reshape(S, -1).std(1) / p.reshape(S, -1).std(1)).log10()
+
+
+class _Group:
+    """A slice of the S models trained by one worker: its ``_Step`` and its generators."""
+
+    def __init__(
+        self,
+        model: MLP,
+        B: int,
+        seeds: slice,
+        generators: list[torch.Generator],
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        cfg: TrainConfig,
+        lr_scale: float,
+        losses: torch.Tensor,
+        ratios: dict[str, torch.Tensor],
+    ):
+        self.step = _Step(model, B, seeds)
+        self.step.load(model)
+        self.generators = generators[seeds]
+        self.X, self.Y, self.cfg, self.lr_scale = X, Y, cfg, lr_scale
+        self.losses, self.ratios = losses[:, seeds], {w: r[:, seeds] for w, r in ratios.items()}
+        S = seeds.stop - seeds.start
+        self.nll = torch.empty(CHUNK, S, B, 1, device=X.device, dtype=self.step.dtype)
+        self.nll_steps = self.nll.unbind(0)
+        self.offset = model.vocab_size * torch.arange(S, device=X.device).view(1, S, 1, 1)
+
+    def run(self, start: int, k: int) -> None:
+        """Steps ``start`` to ``start + k - 1``: draw their indices, train, record."""
+        step, cfg, X, Y = self.step, self.cfg, self.X, self.Y
+        S, B = step.S, step.B
+        ix = torch.stack(
+            [torch.randint(0, X.shape[0], (k, B), generator=g) for g in self.generators], 1
+        ).to(X.device)  # (k, S, B)
+        flat = X.index_select(0, ix.view(-1)).view(k, S, B, -1).add_(self.offset)
+        flat = flat.view(k, -1).unbind(0)  # k x (S*B*T,), rows of C viewed as (S*V, E)
+        tgt = Y.index_select(0, ix.view(-1)).view(k, S, B)
+        tgt3, tgt_flat = tgt.unsqueeze(3).unbind(0), tgt.view(k, -1).unbind(0)
+        nll = self.nll_steps
+        p, g = step.unpadded(step.P), step.unpadded(step.G)
+        with torch.no_grad():
+            for j in range(k):
+                i = start + j
+                step.step(flat[j], tgt3[j], tgt_flat[j], nll[j])
+                step.scale_grads_(cfg.lr_at(i, self.lr_scale))
+                if i % cfg.record_every == 0:
+                    for w, r in self.ratios.items():
+                        r[i // cfg.record_every] = _update_ratio(p[w], g[w])
+                step.P.add_(step.G)
+            self.losses[start : start + k] = -nll_mean(self.nll[:k].squeeze(3))
+
+
+def seed_groups(S: int, workers: int, max_group: int = MAX_GROUP) -> list[slice]:
+    """Split S models into contiguous, near-equal groups: at least ``workers`` of them
+    (so every worker has one) and none larger than ``max_group`` (cache-sized)."""
+    n = min(S, max(workers, -(-S // max_group)))
+    bounds = [round(i * S / n) for i in range(n + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def train(
@@ -150,6 +472,7 @@ def train(
     cfg: TrainConfig,
     lr_scale: float = 1.0,
     progress: Callable[[int, torch.Tensor], None] | None = None,
+    workers: int | None = None,
 ) -> TrainResult:
     """Train ``model`` (S models) in place with minibatch SGD, as in makemore part 3.
 
@@ -161,6 +484,10 @@ def train(
         cfg: steps, batch size, learning-rate schedule, recording interval.
         lr_scale: multiplies the schedule (a variant's ``lr_scale``).
         progress: called as ``progress(steps_done, last_loss)`` after each chunk.
+        workers: CPU threads, each training its own groups of seeds with single-threaded
+            ops (see the module docstring); default ``torch.get_num_threads()``. While
+            training on the CPU, torch's intra-op thread count is set to 1 and then
+            restored. Ignored on CUDA (one group, one thread).
 
     Returns:
         TrainResult; models whose loss became non-finite keep running harmlessly on
@@ -175,39 +502,43 @@ def train(
     if model.bn is not None and cfg.batch_size < 2:
         raise ValueError("BatchNorm needs batch_size >= 2 (the unbiased std divides by B - 1)")
     device = model.C.device
+    cpu = device.type == "cpu"
+    workers = (workers or torch.get_num_threads()) if cpu else 1
     X, Y = X.to(device), Y.to(device)
-    n, B = X.shape[0], cfg.batch_size
-    grads = _Grads(model).by_name
-    names = list(grads)
-    param_list = [p.data for _, p in model.named_parameters()]
-    grad_list = [grads[n] for n in names]
     losses = torch.empty(cfg.max_steps, S, device=device)
     record_steps = list(range(0, cfg.max_steps, cfg.record_every))
     ratios = {w: torch.empty(len(record_steps), S, device=device) for w in WEIGHTS}
+    slices = seed_groups(S, workers) if cpu else [slice(0, S)]
+    groups = [
+        _Group(model, cfg.batch_size, sl, generators, X, Y, cfg, lr_scale, losses, ratios)
+        for sl in slices
+    ]
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers) if workers > 1 and len(groups) > 1 else None
     t0 = time.perf_counter()
-    with torch.no_grad():
+    try:
+        if cpu:
+            torch.set_num_threads(1)
         for start in range(0, cfg.max_steps, CHUNK):
             k = min(CHUNK, cfg.max_steps - start)
-            ix = torch.stack([torch.randint(0, n, (k, B), generator=g) for g in generators], 1)
-            ix = ix.to(device)  # (k, S, B)
-            for j in range(k):
-                i = start + j
-                lr = cfg.lr_at(i, lr_scale)
-                loss = forward_backward(model, X[ix[j]], Y[ix[j]], grads)
-                losses[i] = loss
-                if i % cfg.record_every == 0:
-                    r = i // cfg.record_every
-                    for w in WEIGHTS:
-                        ratios[w][r] = _update_ratio(getattr(model, w).data, grads[w], lr)
-                sgd_update_(param_list, grad_list, lr)
+            if pool is None:
+                for group in groups:
+                    group.run(start, k)
+            else:
+                list(pool.map(lambda group: group.run(start, k), groups))  # noqa: B023
             if progress is not None:
                 progress(start + k, losses[start + k - 1])
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.shutdown()
     seconds = time.perf_counter() - t0
+    for group in groups:
+        group.step.store(model)
     losses = losses.cpu()
     finite = torch.isfinite(losses)
     diverged_at = [
-        None if bool(finite[:, s].all()) else int((~finite[:, s]).nonzero()[0, 0])
-        for s in range(S)
+        None if bool(finite[:, s].all()) else int((~finite[:, s]).nonzero()[0, 0]) for s in range(S)
     ]
     return TrainResult(
         loss=losses,

@@ -1,0 +1,1 @@
+"""Speed of the batched engine against the lecture's training loop (``make bench``)."""

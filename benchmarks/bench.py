@@ -1,0 +1,262 @@
+"""Speed of the engine against the lecture's loop, per model-step, in one process.
+
+For each variant and each number of seeds S: the lecture's loop as written (one model,
+eager autograd; ``benchmarks/lecture.py``) and ``charlm.engine.train`` (S models) run
+the same number of steps on the real training split (names.txt from $NAMES_MIRROR or
+../shared/data/names.txt; synthetic windows of the same shape if neither exists, and the
+output says so). Repeats are interleaved (lecture, then every S) and the median is
+reported, so machine load hits both sides alike. Also printed: the engine's diagnostics
+cost (record_every=1000 against no recording), peak memory, the GEMM limit
+(FLOPs per model-step / torch.bmm throughput on the engine's own shapes, measured here),
+and whether the canonical seed's losses equal the lecture's bit for bit.
+Run: python -m benchmarks.bench [--steps 500] [--seeds 1,8,64] [--repeats 3]
+The last line of output is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.lecture import VARIANTS, lecture_train
+from charlm import engine
+from charlm.config import ModelConfig, TrainConfig, VariantConfig
+from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
+from charlm.model import build_mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+CANONICAL = 2147483647
+TARGETS = {8: 4.0, 64: 10.0}  # required speed-up at S seeds (the brief)
+VARIANT_CFG = {  # the lecture's three variants (DESIGN.md), as the pipeline's configs
+    "naive": VariantConfig(
+        w1_init="normal", w1_scale=1.0, b1_scale=1.0, w2_scale=1.0, b2_scale=1.0
+    ),
+    "kaiming": VariantConfig(),
+    "batchnorm": VariantConfig(batchnorm=True),
+}
+B, T, V, E, H = 32, 3, 27, 10, 200
+# multiply-adds x 2 of the six GEMMs of one model-step: emb @ W1 and h @ W2 forward,
+# each with two GEMMs backward (grad of the weight and of the input)
+FLOPS = 3 * 2 * B * (T * E * H + H * V)
+
+
+def load_train_split() -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The lecture's training windows (X int64 (N, 3), Y (N,)) and where they came from."""
+    env = os.environ.get("NAMES_MIRROR", "").removeprefix("file://")
+    for path in (Path(env) if env else None, ROOT.parent / "shared" / "data" / "names.txt"):
+        if path is not None and path.is_file():
+            words = parse_names(path.read_bytes(), source=str(path))
+            train_words, _, _ = shuffle_split(words, 42, 0.8, 0.1)
+            X, Y = build_windows(train_words, Vocabulary.from_words(words), T)
+            return X, Y, f"real names.txt ({path})"
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, V, (182_625, T), generator=g)
+    return X, torch.randint(0, V, (182_625,), generator=g), "synthetic windows"
+
+
+class PeakRSS:
+    """Peak resident memory of this process during a block, in MB (Linux /proc).
+
+    Freed memory is first returned to the OS (gc, glibc malloc_trim) and the kernel's
+    high-water mark reset (/proc/self/clear_refs, '5'), so ``peak`` is this block's
+    peak and ``delta`` its growth over the RSS at entry. Where that is unavailable,
+    ``peak`` is getrusage's lifetime maximum and ``delta`` is None.
+    """
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.resettable = True
+        except OSError:
+            self.resettable = False
+        self.start = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.resettable and self.start is not None:
+            self.peak = self._status("VmHWM")
+            self.delta = self.peak - self.start
+        else:
+            import resource
+
+            self.peak, self.delta = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
+
+    @staticmethod
+    def _status(key: str) -> float | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB -> MB
+        except OSError:
+            pass
+        return None
+
+
+def time_lecture(X: torch.Tensor, Y: torch.Tensor, variant: str, steps: int) -> dict:
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        _, loss = lecture_train(X, Y, variant, steps, seed=CANONICAL)
+        seconds = time.perf_counter() - t0
+    return {"us": seconds / steps * 1e6, "loss": loss, "peak_mb": mem.peak, "delta_mb": mem.delta}
+
+
+def time_engine(
+    X: torch.Tensor, Y: torch.Tensor, variant: str, S: int, steps: int, record_every: int,
+    workers: int,
+) -> dict:  # fmt: skip
+    """One engine run of S seeds (the canonical seed first); record_every > steps: none."""
+    seeds = [CANONICAL, *range(1, S)]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    model = build_mlp(ModelConfig(), VARIANT_CFG[variant], V, T, generators)
+    cfg = TrainConfig(seeds=seeds, max_steps=steps, lr_decay_step=steps, record_every=record_every)
+    with PeakRSS() as mem:
+        result = engine.train(model, X, Y, generators, cfg, workers=workers)
+    return {
+        "us": result.seconds / steps / S * 1e6, "loss": result.loss[:, 0],
+        "peak_mb": mem.peak, "delta_mb": mem.delta,
+    }  # fmt: skip
+
+
+def gemm_limit(S: int, workers: int, repeats: int = 5) -> dict:
+    """Time of the engine's six torch.bmm calls per model-step, on its padded shapes.
+
+    One thread, batches of the engine's group size for S seeds; ``limit_us`` divides by
+    the number of workers that run groups in parallel (at most the number of groups).
+    """
+    groups = engine.seed_groups(S, workers)
+    g = max(sl.stop - sl.start for sl in groups)
+    Kp, Vp = engine._round_up(T * E + 1), engine._round_up(V)
+    shapes = [  # (A, B) per GEMM, as engine._Step issues them
+        ((g, B, Kp), (g, Kp, H)), ((g, B, H), (g, H, Vp)), ((g, H, B), (g, B, Vp)),
+        ((g, B, V), (g, V, H)), ((g, Kp, B), (g, B, H)), ((g, B, H), (g, H, Kp)),
+    ]  # fmt: skip
+    ops = [(torch.randn(a), torch.randn(b)) for a, b in shapes]
+    outs = [torch.empty(a[0], a[1], b[2]) for a, b in shapes]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                for (a, b), out in zip(ops, outs, strict=True):
+                    torch.bmm(a, b, out=out)
+            best = min(best, (time.perf_counter() - t0) / 20)
+    finally:
+        torch.set_num_threads(threads)
+    per_model = best / g * 1e6
+    parallel = min(workers, len(groups))
+    return {
+        "group": g, "gemm_us_one_core": per_model, "gflops_per_s": FLOPS / per_model / 1e3,
+        "limit_us": per_model / parallel, "parallel_workers": parallel,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000, help="steps per run (default 1000)")
+    parser.add_argument("--seeds", default="1,8,64", help="numbers of seeds S (default 1,8,64)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; median")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="engine worker threads (default: number of CPUs)")  # fmt: skip
+    args = parser.parse_args()
+    seed_counts = [int(s) for s in args.seeds.split(",")]
+    variants = args.variants.split(",")
+    # The lecture runs with one intra-op thread: its tensors are too small for torch to
+    # split, and on a loaded machine idle OpenMP threads only spin (measured 2x-50x
+    # slower). The engine uses its own worker threads (engine.train docstring).
+    torch.set_num_threads(1)
+    X, Y, source = load_train_split()
+    print(f"data: {source}; {args.steps} steps per run, median of {args.repeats} interleaved "
+          f"repeats; engine workers {args.workers}; torch {torch.__version__}")  # fmt: skip
+    print(f"GEMM FLOPs per model-step: {FLOPS:,}")
+    rows = []
+    for variant in variants:
+        # record_every: the default, none, and every step (to size one record's cost)
+        modes = (1000, args.steps + 1, 1)
+        runs: dict = {"lecture": [], **{(S, m): [] for S in seed_counts for m in modes}}
+        for rep in range(args.repeats):
+            runs["lecture"].append(time_lecture(X, Y, variant, args.steps))
+            for S in seed_counts:
+                for m in modes if rep % 2 == 0 else modes[::-1]:  # alternate the order
+                    runs[(S, m)].append(time_engine(X, Y, variant, S, args.steps, m, args.workers))
+        lec = runs["lecture"]
+        lec_us = statistics.median(r["us"] for r in lec)
+        for S in seed_counts:
+            eng = runs[(S, 1000)]
+            eng_us = statistics.median(r["us"] for r in eng)
+            bare_us = statistics.median(r["us"] for r in runs[(S, args.steps + 1)])
+            every_us = statistics.median(r["us"] for r in runs[(S, 1)])
+            exact = all(torch.equal(r["loss"], lec[0]["loss"]) for r in eng)
+            max_diff = max(float((r["loss"] - lec[0]["loss"]).abs().max()) for r in eng)
+            rows.append({
+                "variant": variant, "seeds": S, "lecture_us_per_step": lec_us,
+                "engine_us_per_model_step": eng_us, "speedup": lec_us / eng_us,
+                "target": TARGETS.get(S),
+                "met": lec_us / eng_us >= TARGETS[S] if S in TARGETS else None,
+                "engine_no_diagnostics_us": bare_us,
+                "diagnostics_overhead_pct": 100 * (eng_us / bare_us - 1),
+                # one record's cost, measured at record_every=1, spread over 1000 steps
+                "diagnostics_overhead_pct_from_every_step": (every_us / bare_us - 1) / 10,
+                "lecture_peak_rss_mb": max(r["peak_mb"] for r in lec),
+                "lecture_rss_growth_mb": _max_or_none(r["delta_mb"] for r in lec),
+                "engine_peak_rss_mb": max(r["peak_mb"] for r in eng),
+                "engine_rss_growth_mb": _max_or_none(r["delta_mb"] for r in eng),
+                "canonical_seed_bitwise_equal_to_lecture": exact,
+                "canonical_seed_max_abs_loss_diff": max_diff,
+                **{f"gemm_{k}": v for k, v in gemm_limit(S, args.workers).items()},
+            })  # fmt: skip
+            print_row(rows[-1], header=len(rows) == 1)
+    print(json.dumps({
+        "data": source, "steps": args.steps, "repeats": args.repeats, "workers": args.workers,
+        "gemm_flops_per_model_step": FLOPS, "rows": rows,
+    }))  # fmt: skip
+
+
+def _max_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def print_row(r: dict, header: bool) -> None:
+    """One line of the table (us/m-s: microseconds per model-step)."""
+    if header:
+        print(
+            f"{'variant':10} {'S':>3} {'lecture':>9} {'engine':>8} {'speed-up':>8} {'target':>6}"
+            f" {'GEMM limit':>10} {'GFLOP/s':>7} {'diag %':>11} {'peak RSS MB':>11}"
+            f" {'RSS growth MB':>13} {'bitwise':>7}"
+        )
+        print(f"{'':14} {'us/step':>9} {'us/m-s':>8} {'':15} {'us/m-s':>10} {'':22}"
+              f" {'lec/eng':>11} {'lec/eng':>13}")  # fmt: skip
+    target = f"{r['target']:.0f}x" if r["target"] else "-"
+    peak = f"{r['lecture_peak_rss_mb']:.0f}/{r['engine_peak_rss_mb']:.0f}"
+    growth = "-"
+    if r["engine_rss_growth_mb"] is not None:
+        growth = f"{r['lecture_rss_growth_mb']:.1f}/{r['engine_rss_growth_mb']:.1f}"
+    bitwise = "yes" if r["canonical_seed_bitwise_equal_to_lecture"] else "no"
+    print(
+        f"{r['variant']:10} {r['seeds']:>3} {r['lecture_us_per_step']:9.1f}"
+        f" {r['engine_us_per_model_step']:8.1f} {r['speedup']:7.2f}x {target:>6}"
+        f" {r['gemm_limit_us']:10.1f} {r['gemm_gflops_per_s']:7.1f}"
+        f" {r['diagnostics_overhead_pct']:6.1f}/{r['diagnostics_overhead_pct_from_every_step']:.2f}"
+        f" {peak:>11} {growth:>13} {bitwise:>7}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
