@@ -177,8 +177,9 @@ def main() -> None:
     seed_counts = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     # The lecture runs with one intra-op thread: its tensors are too small for torch to
-    # split, and on a loaded machine idle OpenMP threads only spin (measured 2x-50x
-    # slower). The engine uses its own worker threads (engine.train docstring).
+    # split (same speed with 2 threads on an idle machine), and on a loaded one idle
+    # OpenMP threads only spin (up to 30x slower). The engine uses its own worker
+    # threads (engine.train docstring).
     torch.set_num_threads(1)
     X, Y, source = load_train_split()
     print(f"data: {source}; {args.steps} steps per run, median of {args.repeats} interleaved "
@@ -187,22 +188,25 @@ def main() -> None:
     rows = []
     for variant in variants:
         # record_every: the default, none, and every step (to size one record's cost)
-        modes = (1000, args.steps + 1, 1)
+        modes = {"default": 1000, "none": args.steps + 1, "every": 1}
         runs: dict = {"lecture": [], **{(S, m): [] for S in seed_counts for m in modes}}
         for rep in range(args.repeats):
             runs["lecture"].append(time_lecture(X, Y, variant, args.steps))
             for S in seed_counts:
-                for m in modes if rep % 2 == 0 else modes[::-1]:  # alternate the order
-                    runs[(S, m)].append(time_engine(X, Y, variant, S, args.steps, m, args.workers))
+                for m in list(modes)[:: 1 if rep % 2 == 0 else -1]:  # alternate the order
+                    runs[(S, m)].append(
+                        time_engine(X, Y, variant, S, args.steps, modes[m], args.workers)
+                    )
         lec = runs["lecture"]
         lec_us = statistics.median(r["us"] for r in lec)
         for S in seed_counts:
-            eng = runs[(S, 1000)]
+            eng = runs[(S, "default")]
             eng_us = statistics.median(r["us"] for r in eng)
-            bare_us = statistics.median(r["us"] for r in runs[(S, args.steps + 1)])
-            every_us = statistics.median(r["us"] for r in runs[(S, 1)])
-            exact = all(torch.equal(r["loss"], lec[0]["loss"]) for r in eng)
-            max_diff = max(float((r["loss"] - lec[0]["loss"]).abs().max()) for r in eng)
+            bare_us = statistics.median(r["us"] for r in runs[(S, "none")])
+            every_us = statistics.median(r["us"] for r in runs[(S, "every")])
+            all_runs = [r for m in modes for r in runs[(S, m)]]
+            exact = all(torch.equal(r["loss"], lec[0]["loss"]) for r in all_runs)
+            max_diff = max(float((r["loss"] - lec[0]["loss"]).abs().max()) for r in all_runs)
             rows.append({
                 "variant": variant, "seeds": S, "lecture_us_per_step": lec_us,
                 "engine_us_per_model_step": eng_us, "speedup": lec_us / eng_us,
@@ -221,10 +225,24 @@ def main() -> None:
                 **{f"gemm_{k}": v for k, v in gemm_limit(S, args.workers).items()},
             })  # fmt: skip
             print_row(rows[-1], header=len(rows) == 1)
+    print(LEGEND)
     print(json.dumps({
         "data": source, "steps": args.steps, "repeats": args.repeats, "workers": args.workers,
         "gemm_flops_per_model_step": FLOPS, "rows": rows,
     }))  # fmt: skip
+
+
+LEGEND = """\
+lecture: the lecture's loop, one model, us per step; engine: us per model-step (wall time
+  / steps / S), record_every=1000; speed-up: lecture / engine.
+GEMM limit: the engine's six torch.bmm calls per model-step on its own (padded) shapes,
+  timed here on one core, divided by the workers running in parallel; GFLOP/s: the
+  model's 2*M*N*K per model-step over that time. The engine cannot beat this limit.
+diag %: time with record_every=1000 over time with no recording, minus 1 (side by side)
+  / the same estimated from record_every=1 (one record's cost spread over 1000 steps).
+peak RSS: the process's resident memory high-water mark during the run (reset before
+  each run; includes ~250 MB of Python and torch); growth: peak minus RSS at its start.
+bitwise: the canonical seed's loss at every step equals the lecture loop's exactly."""
 
 
 def _max_or_none(values) -> float | None:

@@ -3,7 +3,7 @@
 Why a hand-written backward pass: the model is tiny (1.1 M multiply-adds per
 model-step), so eager autograd spends most of a step on per-op overhead (~40 small
 kernels and a graph per model). Here the S seeds share ``torch.bmm`` calls and the
-backward pass is written out (~22 ops per step, ~50 with BatchNorm, whatever S).
+backward pass is written out (22 ops per step, ~55 with BatchNorm, whatever S).
 
 Exactness: every value is the one autograd computes for the lecture's code, bit for
 bit, so the engine reproduces the lecture's run itself, not just its statistics: the
@@ -11,23 +11,30 @@ canonical seed's 200,000-step loss curve equals the lecture loop's at every step
 naive (chaotic: its saturated tanh amplifies any ulp) and kaiming; for batchnorm up
 to step 76,427 and within 1.9e-6 after, the final split losses equal to 5 decimals
 (one of its 15 million batch stds rounded the other way, see ``_batchnorm_forward``).
-How: the same kernels in the same order on the same
-operands. ``_log_softmax_backward_data`` and ``tanh_backward`` are autograd's own;
-logits are ``bmm`` then ``+ b2`` (``baddbmm`` rounds differently); the update is
+How: the same kernels in the same order on the same operands.
+``_log_softmax_backward_data`` and ``tanh_backward`` are autograd's own kernels; logits
+are ``bmm`` then ``+ b2`` (``baddbmm`` rounds differently); the update is
 ``p += (-lr) * grad`` in two roundings like ``p.data += -lr * p.grad`` (``add_`` with
-``alpha`` fuses them); BatchNorm's backward replays autograd's nodes term by term;
-the recorded loss replays ``nll_loss``'s summation order (``nll_mean``). The one
+``alpha`` fuses them); BatchNorm's backward replays autograd's nodes term by term; the
+recorded loss replays ``nll_loss``'s summation order (``nll_mean``). The one
 substitute: ``Tensor.std`` (a float64 Welford pass, 9 ns per element here, as slow as
 the rest of the step) is replaced by float64 sums that round to the same float32.
 
-Speed, by measurement (``make bench``: the lecture's loop and this engine side by side;
-2-core AVX-512 Zen 4, PyTorch 2.13 CPU with MKL):
+Speed (``make bench``: the lecture's loop and this engine side by side, median of 3;
+2-core AVX-512 Zen 4, PyTorch 2.13 CPU with MKL), microseconds per model-step:
+
+                lecture   S=1    S=8    S=64    speed-up at 8 / 64 seeds
+    naive        284      104    43.3   31.7    6.6x / 9.0x
+    kaiming      285      104    51.8   32.0    5.5x / 8.9x
+    batchnorm    491      196    96.9   47.9    5.1x / 10.2x
+
+Choices, each by measurement:
     - workers: ``train`` runs groups of seeds in worker threads (one per core) with
       single-threaded ops, instead of torch's intra-op threads. Intra-op threads barely
       help ~50 small ops per step, and on a machine shared with other jobs their
-      spinning made steps 2x to 50x slower; worker threads degrade to one core's speed.
-    - groups of at most 16 seeds (``MAX_GROUP``): 64 seeds in one group ran 10-15%
-      slower per model than groups of 16 (cache), groups of 4-8 pay more per-op cost.
+      spinning made steps up to 30x slower; worker threads degrade to one core's speed.
+    - groups of at most 16 seeds (``MAX_GROUP``): 64 seeds in one group ran ~10%
+      slower per model than groups of 16 (cache); groups of 8 pay more per-op cost.
     - padding: V = 27 and T*E = 30 as a GEMM's free dimension hit MKL's slow edge
       kernels (8.2-8.5 against 5.0 us per model for N = 32). W2 is stored (S, H, 32)
       with zero columns and b2 (S, 32) with -inf columns, W1 (S, 32, H) with zero rows:
@@ -38,9 +45,11 @@ Speed, by measurement (``make bench``: the lecture's loop and this engine side b
     - one flat parameter buffer and one flat gradient buffer, so the update is two ops;
       preallocated buffers written with ``out=``; scalars as 0-dim tensors (a Python
       scalar costs a conversion op per call); indices drawn and gathered per ``CHUNK``.
-    - what is left: GEMMs at ~70% of one core's sgemm peak (~31 us per model-step)
-      and ``torch.tanh`` (Sleef, 2.5 ns per element, 16 us per model-step) are ~75% of
-      the time; both are needed bit for bit.
+    - what is left: the GEMMs at ~70% of one core's sgemm peak (31 us per model-step
+      on one core) and ``torch.tanh`` (Sleef, 2.5 ns per element: 16 us) are ~75% of
+      the time, and both must stay bit for bit; so with 2 cores 64 seeds take >= 24 us
+      per model-step before any other op, and 10x the lecture's 285 us is out of reach
+      for naive and kaiming (the benchmark prints this GEMM limit).
     - rejected: ``torch.compile`` (inductor): 15 s to build even a lone tanh on an idle
       machine, and its tanh differs from ATen's in 108 of 51,200 values (only 1.3x
       faster). tanh as 2 sigmoid(2x) - 1: 5x faster than ``torch.tanh``, 64-seed steps
