@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from charlm.data import Vocabulary
-from charlm.model import MLP, cross_entropy_per_model
+from charlm.model import MLP
 
 
 @torch.no_grad()

@@ -97,7 +97,7 @@ class MLP(nn.Module):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Concatenated embeddings: idx (S, B, T) int64 -> embcat (S, B, T*E)."""
-        S, B, T = idx.shape
+        S, B, _ = idx.shape
         flat = idx + self.vocab_size * torch.arange(S, device=idx.device).view(S, 1, 1)
         emb = self.C.reshape(S * self.vocab_size, -1)[flat]  # (S, B, T, E)
         return emb.reshape(S, B, -1)  # (S, B, T*E)
@@ -195,8 +195,7 @@ def build_mlp(
         momentum=variant.momentum,
     )
     draws = [
-        draw_initial_parameters(model_cfg, variant, vocab_size, block_size, g)
-        for g in generators
+        draw_initial_parameters(model_cfg, variant, vocab_size, block_size, g) for g in generators
     ]
     with torch.no_grad():
         for name in draws[0]:

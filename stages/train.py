@@ -38,8 +38,9 @@ def curve_rows(loss: torch.Tensor, window: int) -> list[str]:
     return [f"{i * window},{v:.6f}" for i, v in enumerate(means.tolist()) if math.isfinite(v)]
 
 
-def diverged_steps(result: engine.TrainResult, model: torch.nn.Module, max_steps: int
-                   ) -> list[int | None]:
+def diverged_steps(
+    result: engine.TrainResult, model: torch.nn.Module, max_steps: int
+) -> list[int | None]:
     """Per seed, the first step with a non-finite loss; ``max_steps`` when only the
     last update made a parameter non-finite (no loss saw it); else None."""
     out = list(result.diverged_at)
@@ -51,27 +52,41 @@ def diverged_steps(result: engine.TrainResult, model: torch.nn.Module, max_steps
     return out
 
 
-def train(variant: str, data: Path, out: Path, curve: Path, model_cfg: ModelConfig,
-          train_cfg: TrainConfig, variant_cfg: VariantConfig) -> dict:
+def train(
+    variant: str,
+    data: Path,
+    out: Path,
+    curve: Path,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    variant_cfg: VariantConfig,
+) -> dict:
     """Do the work; returns the summary written to train.json."""
     vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))
     counts = json.loads((data / "counts.json").read_text(encoding="utf-8"))
     split = torch.load(data / "train.pt")
     device = engine.resolve_device(train_cfg.device)
     generators = [torch.Generator().manual_seed(s) for s in train_cfg.seeds]
-    model = build_mlp(model_cfg, variant_cfg, counts["vocab_size"], counts["block_size"],
-                      generators)
+    model = build_mlp(
+        model_cfg, variant_cfg, counts["vocab_size"], counts["block_size"], generators
+    )
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device)
-    bar = tqdm(total=train_cfg.max_steps, desc=f"train@{variant}", unit="step",
-               unit_scale=True, mininterval=2.0)
+    bar = tqdm(
+        total=train_cfg.max_steps,
+        desc=f"train@{variant}",
+        unit="step",
+        unit_scale=True,
+        mininterval=2.0,
+    )
 
     def progress(done: int, loss: torch.Tensor) -> None:
         bar.update(done - bar.n)
         bar.set_postfix(loss=f"{float(loss[0]):.4f}", refresh=False)
 
-    result = engine.train(model, split["X"], split["Y"], generators, train_cfg,
-                          variant_cfg.lr_scale, progress)
+    result = engine.train(
+        model, split["X"], split["Y"], generators, train_cfg, variant_cfg.lr_scale, progress
+    )
     bar.close()
     summary = {
         "variant": variant,
@@ -91,8 +106,11 @@ def train(variant: str, data: Path, out: Path, curve: Path, model_cfg: ModelConf
         "block_size": counts["block_size"],
         "seeds": train_cfg.seeds,
     }
-    history = {"loss": result.loss, "record_steps": result.record_steps,
-               "update_ratio": result.update_ratio}
+    history = {
+        "loss": result.loss,
+        "record_steps": result.record_steps,
+        "update_ratio": result.update_ratio,
+    }
     rows = curve_rows(result.loss, train_cfg.record_every)
     with io.atomic_path(out) as tmp, io.atomic_path(curve) as curve_tmp:
         tmp.mkdir()
@@ -113,10 +131,13 @@ def main() -> None:
     args = parser.parse_args()
     keys = [k.format(variant=args.variant) for k in PARAMS]
     p = params.load(args.params, keys)
-    summary = train(args.variant, args.data, args.out, args.curve, p["model"], p["train"],
-                    p[keys[2]])
-    print(f"wrote {args.out} in {summary['seconds']:.1f} s "
-          f"({summary['us_per_model_step']:.1f} us per model-step)")
+    summary = train(
+        args.variant, args.data, args.out, args.curve, p["model"], p["train"], p[keys[2]]
+    )
+    print(
+        f"wrote {args.out} in {summary['seconds']:.1f} s "
+        f"({summary['us_per_model_step']:.1f} us per model-step)"
+    )
 
 
 if __name__ == "__main__":

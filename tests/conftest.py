@@ -24,8 +24,12 @@ NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d
 
 # Parameters small enough for a whole pipeline run in seconds.
 TINY: dict[str, Any] = {
-    "train": {"seeds": [2147483647, 1], "max_steps": 300, "lr_decay_step": 200,
-              "record_every": 100},
+    "train": {
+        "seeds": [2147483647, 1],
+        "max_steps": 300,
+        "lr_decay_step": 200,
+        "record_every": 100,
+    },
     "evaluate": {"n_novelty": 50},
 }
 
@@ -62,13 +66,25 @@ def deep_update(base: dict, changes: dict) -> dict:
     return out
 
 
-def run(cmd: list[str] | str, cwd: Path, env: dict | None = None, check: bool = True,
-        timeout: float = 900) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str] | str,
+    cwd: Path,
+    env: dict | None = None,
+    check: bool = True,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
     """Run a command with the venv's tools first on PATH; output captured as text."""
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, text=True, capture_output=True,
-                          timeout=timeout, shell=isinstance(cmd, str))
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=full_env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        shell=isinstance(cmd, str),
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
@@ -82,8 +98,11 @@ def make_repo(dest: Path, params: dict | None = None, names: Path | None = None)
     ``params`` is deep-merged into params.yaml before the first commit. The copy's
     environment for dvc should set NAMES_MIRROR (see ``repo_env``).
     """
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = ROOT / rel
         if not src.exists():  # deleted in the work tree but not yet committed
@@ -92,8 +111,16 @@ def make_repo(dest: Path, params: dict | None = None, names: Path | None = None)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
     # untracked files the work tree has (new modules not yet committed)
-    for rel in subprocess.run(["git", "ls-files", "-z", "--others", "--exclude-standard"],
-                              cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0"):
+    for rel in (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    ):
         if rel and (ROOT / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
@@ -102,11 +129,23 @@ def make_repo(dest: Path, params: dict | None = None, names: Path | None = None)
     shutil.rmtree(dest / "reports" / "curves", ignore_errors=True)
     if params:
         p = dest / "params.yaml"
-        p.write_text(yaml.safe_dump(deep_update(yaml.safe_load(p.read_text()), params),
-                                    sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid",
-                 "commit", "-qm", "test copy"]):
+        p.write_text(
+            yaml.safe_dump(deep_update(yaml.safe_load(p.read_text()), params), sort_keys=False)
+        )
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        [
+            "git",
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.invalid",
+            "commit",
+            "-qm",
+            "test copy",
+        ],
+    ):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     return dest
 
@@ -116,8 +155,10 @@ def repo_env(names_path: Path) -> dict[str, str]:
     """Environment for dvc in a repository copy: the mirror and a test identity."""
     return {
         "NAMES_MIRROR": str(names_path),
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.invalid",
     }
 
 
