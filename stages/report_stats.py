@@ -226,9 +226,12 @@ def verdict(c: Paired, spread_a: float | None, spread_b: float | None) -> str:
         spread_words = f"; the gap is {beyond} than the seed-to-seed sd ({sd:.4f})"
     else:
         spread_words = ""
-    ci = f"95% CI of {c.a} - {c.b}: [{c.lo:+.4f}, {c.hi:+.4f}], {c.n} pairs"
     if c.lo > 0 or c.hi < 0:
+        # state the interval of worse - better, so every verdict reads as a positive gap
+        lo, hi = (-c.hi, -c.lo) if better == c.a else (c.lo, c.hi)
+        ci = f"95% CI of {worse} - {better}: [{lo:+.4f}, {hi:+.4f}], {c.n} pairs"
         return f"{better} beats {worse} by {gap:.4f} nats ({ci}){spread_words}."
+    ci = f"95% CI of {c.a} - {c.b}: [{c.lo:+.4f}, {c.hi:+.4f}], {c.n} pairs"
     return (
         f"no clear difference between {c.a} and {c.b}: mean {c.mean:+.4f} nats, "
         f"and the interval includes 0 ({ci}){spread_words}."
@@ -259,7 +262,8 @@ def reference_rows(inputs: Inputs) -> list[dict]:
                     "quantity": split,
                     "ours": o,
                     "published": r,
-                    "delta": delta,
+                    # shown to 4 decimals: round so that -0.00001 reads 0.0000, not -0.0000
+                    "delta": None if delta is None else round(delta, 4) + 0.0,
                     "check": check,
                 }
             )
@@ -325,8 +329,8 @@ def summary_paragraph(inputs: Inputs) -> str:
             if c.lo is not None:
                 excludes = c.hi < 0 or c.lo > 0
                 parts.append(
-                    f"The runner-up, {runner}, is {gap:.4f} nats behind; paired by seed the "
-                    f"difference is {c.mean:+.4f} (95% CI [{c.lo:+.4f}, {c.hi:+.4f}], "
+                    f"The runner-up, {runner}, is {gap:.4f} nats behind; paired by seed, "
+                    f"{runner} - {best} = {-c.mean:+.4f} (95% CI [{-c.hi:+.4f}, {-c.lo:+.4f}], "
                     f"{c.n} pairs), which {'excludes' if excludes else 'includes'} zero."
                 )
             else:
