@@ -184,51 +184,118 @@ def _png(fig: plt.Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _is_list(table: pd.DataFrame, key: str) -> bool:
+    return bool(table[key].map(lambda v: isinstance(v, (list, tuple, dict))).any())
+
+
+def group_of(params: dict[str, Any], others: list[str]) -> tuple[str, ...]:
+    """The comparison key of ``params``' values of ``others`` (missing: null)."""
+    return tuple(_same(params.get(o)) for o in others)
+
+
+def solo_keys(runs: list[Run], keys: list[str]) -> list[str]:
+    """The scalar ``keys`` swept on their own: >= 2 values among the ``runs`` that share
+    the values of every other key of ``keys`` (a group). List values are never x-axes."""
+    out = []
+    for key in keys:
+        if any(isinstance(r.params.get(key), (list, tuple, dict)) for r in runs):
+            continue
+        others = [k for k in keys if k != key]
+        seen: dict[tuple[str, ...], set[str]] = {}
+        for r in runs:
+            if key in r.params:
+                seen.setdefault(group_of(r.params, others), set()).add(_same(r.params[key]))
+        if any(len(vals) > 1 for vals in seen.values()):
+            out.append(key)
+    return out
+
+
+def _short(keys: list[str]) -> dict[str, str]:
+    """Each key's last part, or the whole key where two last parts collide."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+
+
+def _label(row: pd.Series, varying: list[str], names: dict[str, str], baseline: bool) -> str:
+    if baseline:
+        return "baseline settings"
+    text = ", ".join(f"{names[o]}={row[o]}" for o in varying)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def figure(
     table: pd.DataFrame, key: str, variants: list[str], default: Any, others: list[str], metric: str
 ) -> str:
-    """PNG (base64) of ``metric`` against ``key``: one panel per variant, default marked."""
-    fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 3.8), squeeze=False)
-    is_num = all(numeric(key, v) is not None for v in table[key].dropna())
-    for ax, variant in zip(axes[0], variants, strict=True):
-        d = table[(table["variant"] == variant) & table[key].notna()].copy()
-        d["x"] = [numeric(key, v) if is_num else str(v) for v in d[key]]
-        held = [o for o in others if o in d and d[o].astype(str).nunique() > 1]
-        d["group"] = d[held].astype(str).agg(", ".join, axis=1) if held else ""
-        palette = sns.color_palette(n_colors=max(1, d["group"].nunique()))
-        for color, (group, g) in zip(palette, d.groupby("group", sort=True), strict=False):
+    """PNG (base64) of ``metric`` against ``key``: one panel per variant, one line per group
+    of runs sharing every other differing parameter (``others``), the baseline starred."""
+    ncols = min(len(variants), 3)
+    nrows = math.ceil(len(variants) / ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(5.2 * ncols, 3.8 * nrows + 0.8),
+        squeeze=False,
+        layout="constrained",
+    )
+    d_all = table[table[key].notna()].copy()
+    d_all["group"] = [group_of(row, others) for _, row in d_all.iterrows()]
+    is_num = all(numeric(key, v) is not None for v in d_all[key])
+    d_all["x"] = [numeric(key, v) if is_num else str(v) for v in d_all[key]]
+    # groups drawn: those sweeping the key, and the baseline commit's
+    base_groups = set(d_all.loc[d_all["baseline"], "group"])
+    n_x = d_all.groupby("group")["x"].nunique()
+    drawn = sorted(g for g in n_x.index if n_x[g] > 1 or g in base_groups)
+    firsts = d_all.drop_duplicates("group").set_index("group")
+    varying = [o for o in others if firsts.loc[drawn, o].astype(str).nunique() > 1]
+    names = _short(varying)
+    palette = dict(zip(drawn, sns.color_palette(n_colors=max(1, len(drawn))), strict=False))
+    handles: dict[str, Any] = {}
+    for ax, variant in zip(axes.flat, variants, strict=False):
+        d = d_all[d_all["variant"] == variant]
+        for group in drawn:
+            g = d[d["group"] == group]
+            if g.empty:
+                continue
             g = g.sort_values("x") if is_num else g
-            label = f"{', '.join(held)} = {group}" if held else None
-            ax.errorbar(
+            label = _label(firsts.loc[[group]].iloc[0], varying, names, group in base_groups)
+            line = ax.errorbar(
                 g["x"],
                 g["loss"],
                 yerr=g["std"].fillna(0).astype(float),
                 marker="o",
                 capsize=3,
-                color=color,
-                label=label,
+                color=palette[group],
                 linestyle="-" if is_num else "none",
             )
+            handles.setdefault(label if len(drawn) > 1 else f"{metric} loss", line)
             b = g[g["baseline"]]
-            ax.scatter(
-                b["x"],
-                b["loss"],
-                marker="*",
-                s=220,
-                color=color,
-                zorder=5,
-                edgecolor="black",
-                label="baseline commit" if not held else None,
-            )
+            if not b.empty:
+                star = ax.scatter(
+                    b["x"], b["loss"], marker="*", s=220, color=palette[group], zorder=5,
+                    edgecolor="black",
+                )  # fmt: skip
+                handles.setdefault("baseline commit", star)
         if default is not None and is_num:
             x0 = numeric(key, default)
             shown = default if x0 == default else f"{default} = {x0:.4g}"
-            ax.axvline(x0, color="grey", linestyle="--", label=f"default: {shown}")
+            handles.setdefault(
+                f"baseline value: {shown}", ax.axvline(x0, color="grey", linestyle="--")
+            )
         ax.set_title(f"{variant}")
         ax.set_xlabel(key)
-        ax.set_ylabel(f"{metric} loss (nats), mean ± std over seeds")
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+        ax.set_ylabel(f"{metric} loss (nats)")
+        if not is_num:
+            ax.tick_params(axis="x", labelrotation=30)
+    for ax in list(axes.flat)[len(variants) :]:
+        ax.set_visible(False)
+    if handles:
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="outside lower center",
+            ncols=min(len(handles), 3),
+            fontsize="small",
+        )
     return _png(fig)
 
 
@@ -299,23 +366,34 @@ def render(runs: list[Run], metric: str = "val") -> str:
     table = loss_table(runs, metric)
     variants = list(dict.fromkeys(table["variant"])) if not table.empty else []
     done = [r for r in runs if r.state in FINISHED and not r.error]
-    keys = [k for k in swept_keys(done) if affected(k, variants)]
+    differing = swept_keys(done)
+    keys = [k for k in solo_keys(done, differing) if affected(k, variants)]
+    held = [k for k in differing if k not in keys]
     base = next((r.params for r in runs if r.baseline), {})
     parts = [
         f"<p>{len(done) - sum(r.baseline for r in done)} finished experiment(s) on "
         f"{sum(r.baseline for r in done)} baseline commit(s); {metric} loss in nats, "
         "mean ± std over the seeds of each run (the canonical seed's value when only one "
         "seed ran). The star is the baseline commit; the dashed line the baseline's "
-        "value of the parameter.</p>"
+        "value of the parameter. A parameter is plotted when it varies on its own; one "
+        "line per group of experiments sharing the values of every other differing "
+        "parameter.</p>"
     ]
-    if not keys:
+    if held:
+        parts.append(
+            "<p>Not plotted, never varied alone, held fixed per group: "
+            f"<code>{html.escape(', '.join(held))}</code>.</p>"
+        )
+    if not keys and held:
+        parts.append("<p>No parameter varied on its own: nothing to plot.</p>")
+    elif not keys:
         parts.append(
             "<p>No swept parameter: every finished experiment has the baseline's "
             "parameters. Queue some with <code>dvc exp run --queue -S ...</code>.</p>"
         )
     for key in keys:
         panel = affected(key, variants)
-        others = [k for k in keys if k != key]
+        others = [k for k in differing if k != key]
         png = figure(table, key, panel, base.get(key), others, metric)
         parts.append(
             f"<h2>{html.escape(key)}</h2>\n"

@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,38 @@ def test_render_is_self_contained(tmp_path: Path) -> None:
     assert "+variants.out_scaled={w1_init: normal, w2_scale: 0.01}" in page
     assert "2.6000 ± 0.0100" in page  # exp-0
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched
+
+
+def covarying_exp_show() -> list[dict]:
+    """The synthetic document with tiny settings (a list among them) overridden together
+    in every experiment, as in a gain sweep run with ``-S train.max_steps=...`` etc."""
+    doc = synthetic_exp_show()
+    base = doc[1]["data"]["params"]["params.yaml"]["data"]
+    base["train"] = {"seeds": [1, 2], "max_steps": 5000}
+    base["evaluate"] = {"n_novelty": 100}
+    for exp in doc[1]["experiments"]:
+        for state in exp["revs"]:
+            if state["data"]:
+                params = state["data"]["params"]["params.yaml"]["data"]
+                params["train"] = {"seeds": [7], "max_steps": 200}
+                params["evaluate"] = {"n_novelty": 0}
+    return doc
+
+
+def test_render_plots_only_parameters_swept_on_their_own(tmp_path: Path) -> None:
+    runs = [r for r in sr.parse_exp_show(covarying_exp_show()) if r.state in sr.FINISHED]
+    differing = sr.swept_keys(runs)
+    assert differing == ["evaluate.n_novelty", "train.max_steps", "train.seeds",
+                         "variants.kaiming.gain"]  # fmt: skip
+    assert sr.solo_keys(runs, differing) == ["variants.kaiming.gain"]
+    out = tmp_path / "sweep.html"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Tight layout not applied"
+        sr.sweep_report(covarying_exp_show(), out)
+    page = out.read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == 1
+    assert re.findall(r"<h2>([^<]*)</h2>", page) == ["variants.kaiming.gain", "Experiments"]
+    assert "held fixed per group: <code>evaluate.n_novelty, train.max_steps, train.seeds" in page
 
 
 # --- integration: dvc in repository copies ------------------------------------------------
