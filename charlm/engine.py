@@ -403,11 +403,6 @@ def forward_backward(
     return -nll_mean(nll.squeeze(2))
 
 
-def sgd_update_(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
-    """p = p + (-lr * grad), two roundings as the lecture's ``p.data += -lr * p.grad``."""
-    torch._foreach_add_(params, torch._foreach_mul(grads, -lr))
-
-
 def _update_ratio(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """log10(std(g) / std(p)) per model: (S, ...) -> (S,); ``g`` is already -lr * grad."""
     S = p.shape[0]
