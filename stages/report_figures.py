@@ -110,31 +110,15 @@ def loss_curves(inputs: Inputs) -> Drawn:
     window = inputs.diagnostics[inputs.variants[0]]["curve"]["window"]
     marker = "o" if df["step"].nunique() < 5 else None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
+    common = {"x": "step", "y": "log10 loss", "hue": "variant", "marker": marker,
+              "hue_order": inputs.variants}  # fmt: skip
     canon = df[df["seed"] == 0]
     if canon.empty:
         _blank(axes[0], "the canonical seed diverged everywhere")
     else:
-        sns.lineplot(
-            data=canon,
-            x="step",
-            y="log10 loss",
-            hue="variant",
-            marker=marker,
-            hue_order=inputs.variants,
-            ax=axes[0],
-        )
+        sns.lineplot(data=canon, ax=axes[0], **common)
         axes[0].set_title("canonical seed (the lecture's run)")
-    sns.lineplot(
-        data=df,
-        x="step",
-        y="log10 loss",
-        hue="variant",
-        errorbar="sd",
-        estimator="mean",
-        marker=marker,
-        hue_order=inputs.variants,
-        ax=axes[1],
-    )
+    sns.lineplot(data=df, errorbar="sd", estimator="mean", ax=axes[1], **common)
     axes[1].set_title("mean over seeds, band = ±1 sd across seeds")
     uniform = math.log10(math.log(inputs.counts["vocab_size"]))
     for ax in axes:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
+from charlm.diagnostics import loss_curve
 from charlm.model import build_mlp
 from stages import io, params
 
@@ -27,15 +28,16 @@ PARAMS = ["model", "train", "variants.{variant}"]
 
 
 def curve_rows(loss: torch.Tensor, window: int) -> list[str]:
-    """CSV rows step,log10_loss: mean of log10(loss) of seed 0 over each ``window``.
+    """CSV rows step,log10_loss of seed 0 (``diagnostics.loss_curve`` over ``window``).
 
     A window holding a non-finite loss (the seed diverged) has no row: the curve stops.
     """
-    steps = loss.shape[0] // window * window
-    if steps == 0:
-        window, steps = loss.shape[0], loss.shape[0]
-    means = loss[:steps, 0].log10().view(-1, window).mean(1)  # (steps / window,)
-    return [f"{i * window},{v:.6f}" for i, v in enumerate(means.tolist()) if math.isfinite(v)]
+    steps, means = loss_curve(loss[:, :1], window)
+    return [
+        f"{s},{v:.6f}"
+        for s, v in zip(steps.tolist(), means[:, 0].tolist(), strict=True)
+        if math.isfinite(v)
+    ]
 
 
 def diverged_steps(
