@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -124,21 +125,52 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+# Shells DVC may run a stage's cmd through (its ``SHELL``, else /bin/sh). bash and zsh
+# exec a lone command, so dvc is the stage's parent; dash (Debian's /bin/sh) forks and
+# waits, so dvc is the grandparent and outlives nothing when killed.
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox"})
+PARENT_POLL = 0.2  # seconds between checks that dvc is still alive
+
+
 def _die_with_parent() -> None:
-    """Under DVC (DVC_STAGE is set), ask Linux to send SIGTERM when dvc dies.
+    """Under DVC (DVC_STAGE is set), stop with SIGTERM when dvc dies.
 
     DVC ignores SIGINT while a stage runs and forwards no signal, so ``kill <dvc pid>``
     would otherwise leave the stage running, writing its outputs behind dvc's back.
+    Linux's PR_SET_PDEATHSIG covers the direct parent. When the parent is a shell
+    that forked the stage (dash), that shell survives dvc, so a daemon thread also
+    watches the process above the shell (psutil's ``is_running`` compares start
+    times, so a reused pid is not mistaken for dvc) and sends SIGTERM to this
+    process when it is gone; the stage's handler then unwinds as for any SIGTERM.
     """
-    if not sys.platform.startswith("linux") or "DVC_STAGE" not in os.environ:
+    if "DVC_STAGE" not in os.environ:
         return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            pass
     if os.getppid() == 1:  # dvc died before the request took effect
         raise Interrupted(signal.SIGTERM)
+    import psutil  # comes with dvc
+
+    try:
+        watched = psutil.Process().parent()
+        if watched is not None and Path(watched.name()).name in SHELLS:
+            watched = watched.parent()
+    except psutil.Error:  # pragma: no cover - the parent vanished meanwhile
+        watched = None
+    if watched is None or watched.pid == 1:
+        raise Interrupted(signal.SIGTERM)
+
+    def watch() -> None:
+        with contextlib.suppress(psutil.Error):  # NoSuchProcess: dvc is gone
+            while watched.is_running() and watched.status() != psutil.STATUS_ZOMBIE:
+                time.sleep(PARENT_POLL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-dvc", daemon=True).start()
 
 
 def _exit_now(status: int) -> None:
