@@ -3,7 +3,8 @@
 Reads params data.url and data.sha256; writes the verified bytes to ``--out``.
 When the environment variable NAMES_MIRROR (a local path or file:// URL) is set, it
 is used instead of data.url, and a missing mirror is an error (no silent fallback).
-Run: python -m stages.download --out data/raw/names.txt
+With ``--record``, also the stage's run record (wall time, revision, source used).
+Run: python -m stages.download --out data/raw/names.txt --record data/runs/download.json
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from stages import io, params
+from stages import io, params, provenance
 
 PARAMS = ["data.url", "data.sha256"]
 MIRROR_VAR = "NAMES_MIRROR"
@@ -81,10 +82,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", type=Path, required=True)
+    provenance.add_record_argument(parser)
     args = parser.parse_args()
     p = params.load(args.params, PARAMS)
     mirror = os.environ.get(MIRROR_VAR) or None
     source = download(p["data.url"], p["data.sha256"], args.out, mirror)
+    provenance.write_record(args.record, source=source)
     print(f"wrote {args.out} from {source}")
 
 

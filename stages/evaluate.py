@@ -4,7 +4,7 @@ Reads params evaluate.*, ``--data`` (the split) and ``--model`` (train's directo
 writes to ``--out`` (a directory): metrics.json (per-seed and summary split losses),
 diagnostics.pt (activations, gradients, BatchNorm statistics) and samples.json.
 Run: python -m stages.evaluate --data data/processed --model data/models/kaiming \
-    --out data/eval/kaiming
+    --out data/eval/kaiming --record data/runs/evaluate@kaiming.json
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -116,7 +115,6 @@ def diagnose(
 
 def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dict:
     """Do the work; returns the metrics written to metrics.json."""
-    t0 = time.perf_counter()
     checkpoint = torch.load(model_dir / "model.pt")
     history = torch.load(model_dir / "history.pt")
     summary = json.loads((model_dir / "train.json").read_text(encoding="utf-8"))
@@ -167,14 +165,10 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         },
         "n_diverged": sum(diverged),
         "share_samples_in_train": in_train,
-        "train_seconds": summary["seconds"],
-        "us_per_model_step": summary["us_per_model_step"],
         "device": summary["device"],
-        "provenance": provenance.describe(),
     }
     for k in ("train", "val", "test", "init_loss"):
         metrics["mean"][k], metrics["std"][k] = summarise(per_seed[k])
-    metrics["eval_seconds"] = round(time.perf_counter() - t0, 3)
     with io.atomic_path(out) as tmp:
         tmp.mkdir()
         (tmp / "metrics.json").write_text(io.dumps_json(metrics), encoding="utf-8")
@@ -192,9 +186,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    provenance.add_record_argument(parser)
     args = parser.parse_args()
     cfg = params.load(args.params, PARAMS)["evaluate"]
     m = evaluate(args.data, args.model, args.out, cfg)
+    provenance.write_record(args.record)
     c = {k: "diverged" if v is None else f"{v:.4f}" for k, v in m["canonical"].items()}
     print(
         f"wrote {args.out}: canonical seed train {c['train']} val {c['val']} "

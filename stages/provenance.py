@@ -1,20 +1,30 @@
-"""Where a result came from: git revision, DVC experiment name, versions.
+"""Run records: how long each stage took, and where its result came from.
 
-Read by the evaluate stage when it runs and stored with its outputs, so the report
-shows the revision that *computed* the numbers and never reads git itself: rerunning
-the report on the same inputs then gives the same bytes, whatever was committed since
-(the revision changes exactly when evaluate reruns, i.e. when its inputs change).
+Every stage writes, beside its results, a run record ``data/runs/<stage>.json``: its
+wall time, the git revision, the DVC experiment name and the torch, DVC and Python
+versions (plus stage-specific figures such as training's microseconds per
+model-step). Results (models, metrics) hold none of this, so the same params on the
+same machine give byte-identical results and DVC sees them unchanged. The report
+shows the records and never reads git or clocks itself: rerunning it on the same
+inputs gives the same bytes, and a record restored from DVC's run cache is the
+record of the run that computed the restored outputs.
+
+This module is not a dependency of any stage in dvc.yaml: editing it changes no
+result, so it reruns nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
-import torch
+from stages import io
 
 # Files a pipeline run itself rewrites; their changes do not make the code "dirty".
 RUN_OUTPUTS = (":(exclude)dvc.lock", ":(exclude)reports")
@@ -57,7 +67,42 @@ def describe(cwd: Path | None = None) -> dict[str, str | None]:
         "git_revision": rev,
         "git_dirty": dirty,
         "dvc_experiment": os.environ.get("DVC_EXP_NAME") or None,
-        "torch": torch.__version__,
+        "torch": _version("torch"),
         "dvc": _version("dvc"),
         "python": platform.python_version(),
     }
+
+
+def write_record(path: Path | None, **extra: Any) -> dict[str, Any] | None:
+    """Write the run record of a stage to ``path`` (atomically; nothing when None).
+
+    Call it once the stage's outputs are written. The record's "seconds" is the wall
+    time of the stage's process from its start (interpreter and imports included)
+    to now, in seconds.
+
+    Args:
+        path: ``data/runs/<stage>.json``; the file's stem names the stage
+            (``train@kaiming``), as in ``dvc.yaml``.
+        extra: stage-specific figures (JSON-serialisable, finite).
+
+    Returns the record: {"stage", "seconds", **extra, **describe()}, or None.
+    """
+    if path is None:
+        return None
+    import psutil  # comes with dvc
+
+    seconds = time.time() - psutil.Process().create_time()
+    path = Path(path)
+    record = {"stage": path.stem, "seconds": round(seconds, 3), **extra, **describe()}
+    io.write_json(path, record)
+    return record
+
+
+def add_record_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--record PATH`` option every stage takes (dvc.yaml: data/runs/<stage>.json)."""
+    parser.add_argument(
+        "--record",
+        type=Path,
+        metavar="PATH",
+        help="where to write this run's record (wall time, git revision, versions)",
+    )

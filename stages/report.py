@@ -1,11 +1,12 @@
 """Gather every variant's results and render the HTML report.
 
 Reads params (all sections: the report shows them), ``--eval`` (one subdirectory per
-variant, written by the evaluate stage) and ``--data`` (counts.json); writes
+variant, written by the evaluate stage), ``--data`` (counts.json) and ``--runs`` (the
+stages' run records: wall times, revision, versions); writes
 ``--metrics`` (reports/metrics.json, the DVC metrics), ``--notebook`` (the executed
 notebook) and ``--html`` (the report: code hidden, figures embedded as PNG, no script
 or font fetched from the network, byte-identical when rerun on the same inputs).
-Run: python -m stages.report --eval data/eval --data data/processed \
+Run: python -m stages.report --eval data/eval --data data/processed --runs data/runs \
     --metrics reports/metrics.json --notebook reports/report.ipynb --html reports/report.html
 """
 
@@ -165,8 +166,12 @@ def report(
     notebook: Path,
     html: Path,
     variants: list[str],
+    runs_dir: Path | None = None,
 ) -> dict:
-    """Do the work; returns the metrics written to ``metrics``."""
+    """Do the work; returns the metrics written to ``metrics``.
+
+    ``runs_dir`` holds the stages' run records (data/runs/<stage>.json); the report's
+    header shows them, and says "not recorded" for any that is missing."""
     summary = gather(eval_dir, variants)
     render(
         TEMPLATE,
@@ -176,6 +181,7 @@ def report(
             "params_path": str(params_path),
             "eval_dir": str(eval_dir),
             "data_dir": str(data_dir),
+            "runs_dir": None if runs_dir is None else str(runs_dir),
             "variants": variants,
         },
     )
@@ -188,10 +194,20 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     for name in ("eval", "data", "metrics", "notebook", "html"):
         parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--runs", type=Path, help="the stages' run records (data/runs)")
     args = parser.parse_args()
     p = params.load(args.params, PARAMS)
     variants = list(p["variants"])
-    report(args.params, args.eval, args.data, args.metrics, args.notebook, args.html, variants)
+    report(
+        args.params,
+        args.eval,
+        args.data,
+        args.metrics,
+        args.notebook,
+        args.html,
+        variants,
+        args.runs,
+    )
     print(f"wrote {args.metrics} and {args.html}")
 
 

@@ -34,10 +34,18 @@ class Inputs:
     metrics: dict[str, dict]
     samples: dict[str, dict]
     diagnostics: dict[str, dict]
+    runs: dict[str, dict | None]  # stage name -> its run record (None: not recorded)
 
 
-def load(params_path: str, eval_dir: str, data_dir: str, variants: list[str]) -> Inputs:
-    """Read params.yaml, data/processed/counts.json and each variant's evaluate outputs.
+def load(
+    params_path: str,
+    eval_dir: str,
+    data_dir: str,
+    variants: list[str],
+    runs_dir: str | None = None,
+) -> Inputs:
+    """Read params.yaml, data/processed/counts.json, each variant's evaluate outputs
+    and the run records of the stages (``runs_dir``/<stage>.json, None if absent).
 
     Raises:
         ValueError: a diagnostics.pt written by an older evaluate stage (rerun it).
@@ -62,7 +70,21 @@ def load(params_path: str, eval_dir: str, data_dir: str, variants: list[str]) ->
         metrics={v: read_json(ev / v / "metrics.json") for v in variants},
         samples={v: read_json(ev / v / "samples.json") for v in variants},
         diagnostics=diagnostics,
+        runs={
+            stage: read_json(path) if path is not None and path.is_file() else None
+            for stage in pipeline_stages(variants)
+            for path in [None if runs_dir is None else Path(runs_dir) / f"{stage}.json"]
+        },
     )
+
+
+def pipeline_stages(variants: list[str]) -> list[str]:
+    """The stage names of dvc.yaml in pipeline order (report excluded)."""
+    return [
+        "download",
+        "split",
+        *(f"{stage}@{v}" for v in variants for stage in ("train", "evaluate")),
+    ]
 
 
 def finite(values: Any) -> list[float]:
@@ -296,6 +318,37 @@ def first_good_seed(inputs: Inputs, v: str) -> int | None:
 
 
 # ---- sentences --------------------------------------------------------------------------
+
+
+def revision(record: dict) -> str:
+    """The git revision of a run record, in words."""
+    rev = record.get("git_revision") or "unknown (not a git repository)"
+    if record.get("git_dirty") == "yes":
+        rev += " + uncommitted changes"
+    return rev
+
+
+def run_rows(inputs: Inputs) -> list[dict]:
+    """One row per stage, in pipeline order: wall time (s), device, microseconds per
+    model-step (train only), git revision, DVC experiment and versions, from the run
+    records; a stage without a record says so."""
+    rows = []
+    for stage, rec in inputs.runs.items():
+        if rec is None:
+            rows.append({"stage": stage, "wall time (s)": None, "git revision": "not recorded"})
+            continue
+        rows.append({
+            "stage": stage,
+            "wall time (s)": rec.get("seconds"),
+            "device": rec.get("device"),
+            "µs per model-step": rec.get("us_per_model_step"),
+            "git revision": revision(rec),
+            "DVC experiment": rec.get("dvc_experiment"),
+            "torch": rec.get("torch"),
+            "DVC": rec.get("dvc"),
+            "Python": rec.get("python"),
+        })  # fmt: skip
+    return rows
 
 
 def summary_paragraph(inputs: Inputs) -> str:

@@ -2,7 +2,9 @@
 
 Reads the names file and params split.*; writes to ``--out`` (a directory):
 {train,val,test}.pt (X int64 (N, block_size), Y int64 (N,)), vocab.json, words.json, counts.json.
-Run: python -m stages.split --names data/raw/names.txt --out data/processed
+With ``--record``, also the stage's run record (wall time, revision, versions).
+Run: python -m stages.split --names data/raw/names.txt --out data/processed \
+    --record data/runs/split.json
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
-from stages import io, params
+from stages import io, params, provenance
 
 PARAMS = ["split"]
 SPLITS = ("train", "val", "test")
@@ -61,9 +63,11 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--names", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    provenance.add_record_argument(parser)
     args = parser.parse_args()
     cfg = params.load(args.params, PARAMS)["split"]
     counts = split(args.names, args.out, **cfg.model_dump())
+    provenance.write_record(args.record)
     print(f"wrote {args.out}: {counts['names']} names, windows {counts['windows']}")
 
 

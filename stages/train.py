@@ -3,9 +3,11 @@
 Reads params model, train and variants.<variant>, and the split in ``--data``; writes
 to ``--out`` (a directory): model.pt (final and initial state with the config and
 vocabulary they were built from), history.pt (per-step loss (steps, S), update:data
-ratios), train.json (wall time, divergence); and ``--curve``, the loss curve CSV (a DVC plot).
+ratios), train.json (divergence); and ``--curve``, the loss curve CSV (a DVC plot).
 Run: python -m stages.train --variant kaiming --data data/processed --out data/models/kaiming \
-    --curve reports/curves/kaiming.csv
+    --curve reports/curves/kaiming.csv --record data/runs/train@kaiming.json
+The run record (``--record``) holds the wall time, device, microseconds per
+model-step, revision and versions: nothing in ``--out`` varies from run to run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.diagnostics import loss_curve
 from charlm.model import build_mlp
-from stages import io, params
+from stages import io, params, provenance
 
 PARAMS = ["model", "train", "variants.{variant}"]
 
@@ -62,8 +64,9 @@ def train(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     variant_cfg: VariantConfig,
-) -> dict:
-    """Do the work; returns the summary written to train.json."""
+) -> tuple[dict, dict]:
+    """Do the work; returns the summary written to train.json, and the timing of the
+    training loop (device, seconds, microseconds per model-step) for the run record."""
     vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))
     counts = json.loads((data / "counts.json").read_text(encoding="utf-8"))
     split = torch.load(data / "train.pt")
@@ -94,8 +97,6 @@ def train(
         "variant": variant,
         "seeds": train_cfg.seeds,
         "device": str(device),
-        "seconds": round(result.seconds, 3),
-        "us_per_model_step": round(result.seconds / train_cfg.max_steps / len(generators) * 1e6, 3),
         "diverged_at": diverged_steps(result, model, train_cfg.max_steps),
     }
     checkpoint = {
@@ -120,7 +121,12 @@ def train(
         torch.save(history, tmp / "history.pt")
         (tmp / "train.json").write_text(io.dumps_json(summary), encoding="utf-8")
         curve_tmp.write_text("step,log10_loss\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    return summary
+    timing = {
+        "device": str(device),
+        "train_loop_seconds": round(result.seconds, 3),
+        "us_per_model_step": round(result.seconds / train_cfg.max_steps / len(generators) * 1e6, 3),
+    }
+    return summary, timing
 
 
 def main() -> None:
@@ -130,15 +136,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--curve", type=Path, required=True)
+    provenance.add_record_argument(parser)
     args = parser.parse_args()
     keys = [k.format(variant=args.variant) for k in PARAMS]
     p = params.load(args.params, keys)
-    summary = train(
+    _, timing = train(
         args.variant, args.data, args.out, args.curve, p["model"], p["train"], p[keys[2]]
     )
+    provenance.write_record(args.record, **timing)
     print(
-        f"wrote {args.out} in {summary['seconds']:.1f} s "
-        f"({summary['us_per_model_step']:.1f} us per model-step)"
+        f"wrote {args.out}: training loop {timing['train_loop_seconds']:.1f} s "
+        f"({timing['us_per_model_step']:.1f} us per model-step on {timing['device']})"
     )
 
 

@@ -58,8 +58,6 @@ VARIANTS = {
     "allgone": {**KAIMING, "lr_scale": 1e37},  # every seed's loss becomes non-finite
 }
 SPLITS = ("train", "val", "test")
-# keys of the stage metrics that are timings or provenance, not results
-VOLATILE = {"train_seconds", "eval_seconds", "us_per_model_step", "provenance", "seconds"}
 
 SITECUSTOMIZE = """
 import atexit, json, os, sys
@@ -206,7 +204,7 @@ def test_a_model_whose_evaluation_overflows_counts_as_diverged(tmp_path):
     split(names, processed, seed=42, train_frac=0.8, val_frac=0.1, block_size=3)
     cfg = TrainConfig(seeds=[1, 2, 3], max_steps=20, lr_decay_step=10, record_every=10,
                       device="cpu")  # fmt: skip
-    summary = train("v", processed, models, tmp_path / "c.csv", ModelConfig(), cfg,
+    summary, _ = train("v", processed, models, tmp_path / "c.csv", ModelConfig(), cfg,
                     VariantConfig())  # fmt: skip
     assert summary["diverged_at"] == [None, None, None]
     checkpoint = torch.load(models / "model.pt")
@@ -267,14 +265,10 @@ def same_tensors(a, b) -> bool:
     return a == b or (a != a and b != b)  # NaN floats
 
 
-def results(path: Path) -> dict:
-    """A stage's JSON without timings and provenance."""
-    return {k: v for k, v in strict_json(path).items() if k not in VOLATILE}
-
-
 def test_same_params_same_bytes_another_seed_differs(pipeline, tmp_path):
-    """split, train and evaluate run again from the same inputs give identical bytes
-    (model.pt included); the report's rerun is checked after an interruption below."""
+    """split, train and evaluate run again from the same inputs give identical bytes,
+    every output file included (wall times and revision live in the run records, which
+    are not results); the report's rerun is checked after an interruption below."""
     root = pipeline.root
     assert pipeline.proc.returncode == 0
     stage(root, "split", "--names", "data/raw/names.txt", "--out", str(tmp_path / "processed"))
@@ -285,18 +279,19 @@ def test_same_params_same_bytes_another_seed_differs(pipeline, tmp_path):
     for v in ("kaiming",):
         stage(root, "train", "--variant", v, "--data", "data/processed", "--out",
               str(models / v), "--curve", str(tmp_path / f"{v}.csv"))  # fmt: skip
-        for name in ("model.pt", "history.pt"):
+        theirs = sorted(f.name for f in (root / "data/models" / v).iterdir())
+        assert sorted(f.name for f in (models / v).iterdir()) == theirs
+        for name in theirs:
             assert (models / v / name).read_bytes() == (
                 root / "data/models" / v / name).read_bytes(), (v, name)  # fmt: skip
-        assert results(models / v / "train.json") == results(root / f"data/models/{v}/train.json")
         curve = (root / f"reports/curves/{v}.csv").read_bytes()
         assert (tmp_path / f"{v}.csv").read_bytes() == curve
 
     stage(root, "evaluate", "--data", "data/processed", "--model", str(models / "kaiming"),
           "--out", str(tmp_path / "eval"))  # fmt: skip
     ours, theirs = tmp_path / "eval", root / "data/eval/kaiming"
-    assert results(ours / "metrics.json") == results(theirs / "metrics.json")
-    assert (ours / "samples.json").read_bytes() == (theirs / "samples.json").read_bytes()
+    for name in ("metrics.json", "samples.json"):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
     assert same_tensors(torch.load(ours / "diagnostics.pt"), torch.load(theirs / "diagnostics.pt"))
 
     # another seed: another model and other metrics
@@ -312,7 +307,7 @@ def test_same_params_same_bytes_another_seed_differs(pipeline, tmp_path):
     b = torch.load(tmp_path / "m2/model.pt")["state_dict"]
     assert torch.equal(a["W1"][0], b["W1"][0])  # the canonical seed is the same model
     assert not torch.equal(a["W1"][1], b["W1"][1])
-    m1, m2 = results(ours / "metrics.json"), results(tmp_path / "e2/metrics.json")
+    m1, m2 = strict_json(ours / "metrics.json"), strict_json(tmp_path / "e2/metrics.json")
     assert m1["per_seed"]["val"][0] == m2["per_seed"]["val"][0]
     assert m1["per_seed"]["val"][1] != m2["per_seed"]["val"][1]
     assert m1["mean"] != m2["mean"]

@@ -292,7 +292,7 @@ def test_own_names_with_another_alphabet_run_through(tmp_path: Path):
     models = tmp_path / "data" / "models" / "mine"
     cfg = TrainConfig(seeds=[3, 4], max_steps=50, lr_decay_step=25, record_every=10,
                       device="cpu")  # fmt: skip
-    summary = train("mine", processed, models, tmp_path / "curve.csv", ModelConfig(),
+    summary, _ = train("mine", processed, models, tmp_path / "curve.csv", ModelConfig(),
                     cfg, VariantConfig())  # fmt: skip
     assert summary["diverged_at"] == [None, None]
     checkpoint = torch.load(models / "model.pt")

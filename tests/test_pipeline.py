@@ -101,6 +101,28 @@ def test_repro_runs_every_stage_and_writes_outputs(baseline):
     assert "data/raw/names.txt" not in tracked
 
 
+def test_every_stage_writes_a_run_record_and_results_hold_none(baseline):
+    """Wall time, revision and versions go to data/runs/<stage>.json, never into the
+    results, which must stay byte-identical from run to run."""
+    root = baseline.root
+    stages = ["download", "split"] + [f"{s}@{v}" for v in VARIANTS for s in ("train", "evaluate")]
+    assert sorted(p.stem for p in (root / "data/runs").glob("*.json")) == sorted(stages)
+    for stage in stages:
+        rec = json.loads((root / "data/runs" / f"{stage}.json").read_text(encoding="utf-8"))
+        assert rec["stage"] == stage
+        assert 0 < rec["seconds"] < 600, rec
+        assert re.fullmatch(r"[0-9a-f]{12}", rec["git_revision"]), rec
+        assert rec["torch"].startswith("2.13.0") and rec["dvc"] and rec["python"], rec
+        if stage.startswith("train@"):
+            assert rec["device"] == "cpu" and rec["us_per_model_step"] > 0, rec
+            assert rec["train_loop_seconds"] < rec["seconds"], rec
+    volatile = {"seconds", "train_seconds", "eval_seconds", "us_per_model_step", "provenance"}
+    for v in VARIANTS:
+        for rel in (f"data/models/{v}/train.json", f"data/eval/{v}/metrics.json"):
+            keys = set(json.loads((root / rel).read_text(encoding="utf-8")))
+            assert not keys & volatile, (rel, keys & volatile)
+
+
 def test_repro_metrics(baseline):
     text = (baseline.root / "reports" / "metrics.json").read_text(encoding="utf-8")
     no_nan_tokens(text)

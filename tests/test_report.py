@@ -225,6 +225,10 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     assert len(visit.images) == 8
     assert "reaches the lowest mean validation loss" in visit.text.split("This run")[0]
     assert "Not drawn" not in visit.text
+    header = visit.text.split("This run")[1].split("Split losses beside")[0]
+    for stage in ("download", "split", "train@kaiming", "evaluate@batchnorm"):
+        assert stage in header, f"no run record of {stage} in the header"
+    assert "not recorded" not in header
     metrics = (root / "reports" / "metrics.json").read_text(encoding="utf-8")
     json.loads(metrics, parse_constant=lambda t: pytest.fail(f"non-finite {t} in metrics"))
 
