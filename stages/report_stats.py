@@ -337,7 +337,7 @@ def run_rows(inputs: Inputs) -> list[dict]:
         if rec is None:
             rows.append({"stage": stage, "wall time (s)": None, "git revision": "not recorded"})
             continue
-        rows.append({
+        row = {
             "stage": stage,
             "wall time (s)": rec.get("seconds"),
             "device": rec.get("device"),
@@ -347,7 +347,8 @@ def run_rows(inputs: Inputs) -> list[dict]:
             "torch": rec.get("torch"),
             "DVC": rec.get("dvc"),
             "Python": rec.get("python"),
-        })  # fmt: skip
+        }
+        rows.append({k: math.nan if v is None else v for k, v in row.items()})  # NaN: '–'
     return rows
 
 

@@ -397,6 +397,89 @@ def test_train_interrupted_exits_at_once_without_output(pipeline, tmp_path, sig)
     assert not out.exists() or not any(out.rglob("*")), list(out.rglob("*"))
 
 
+def test_train_killed_outright_then_rerun_to_success(pipeline, tmp_path):
+    """SIGKILL cannot be caught: the temporary output stays behind, hidden, and the
+    target is never created; the next run removes the leftover and writes the same
+    bytes as an uninterrupted run."""
+    p = yaml.safe_load((pipeline.root / "params.yaml").read_text(encoding="utf-8"))
+    p["train"].update(max_steps=10_000_000, lr_decay_step=1000)
+    long = tmp_path / "long.yaml"
+    long.write_text(yaml.safe_dump(p), encoding="utf-8")
+    out = tmp_path / "models" / "kaiming"
+    args = ["--variant", "kaiming", "--data", "data/processed", "--out", str(out),
+            "--curve", str(tmp_path / "kaiming.csv")]  # fmt: skip
+    proc = Proc([sys.executable, "-m", "stages.train", "--params", str(long), *args],
+                cwd=pipeline.root)  # fmt: skip
+    proc.wait_for(lambda: b"train@kaiming" in proc.out)
+    time.sleep(0.5)
+    proc.p.kill()
+    assert proc.p.wait(timeout=10) == -signal.SIGKILL
+    assert not out.exists()
+
+    stage(pipeline.root, "train", *args)  # the pipeline's own (short) params
+    assert not leftovers(tmp_path), leftovers(tmp_path)
+    for name in ("model.pt", "history.pt", "train.json"):
+        ref = pipeline.root / "data/models/kaiming" / name
+        assert (out / name).read_bytes() == ref.read_bytes(), name
+
+
+# A fault injected into a stage's process (PYTHONPATH=<dir with this>): the rename that
+# publishes an output whose path contains CHARLM_STALL_AT waits, so a signal arrives
+# while the complete output still sits under its temporary name.
+STALL_SITECUSTOMIZE = """
+import os, sys, time
+
+_at = os.environ.get("CHARLM_STALL_AT")
+if _at:
+    _replace = os.replace
+
+    def _stalling_replace(src, dst, *args, **kwargs):
+        if _at in os.fspath(dst):
+            print("stalled before publishing", os.fspath(dst), file=sys.stderr, flush=True)
+            time.sleep(60)
+        return _replace(src, dst, *args, **kwargs)
+
+    os.replace = _stalling_replace
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("module", ["download", "split", "evaluate"])
+def test_stage_interrupted_while_publishing_leaves_nothing(pipeline, tmp_path, module, sig):
+    """download, split and evaluate, stopped with their outputs complete but not yet
+    renamed into place: exit 128 + signal within 2 s, no output, no temporary left."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STALL_SITECUSTOMIZE, encoding="utf-8")
+    out = tmp_path / "out"
+    args = {
+        "download": ["--out", str(out / "names.txt")],
+        "split": ["--names", "data/raw/names.txt", "--out", str(out / "processed")],
+        "evaluate": [
+            "--data",
+            "data/processed",
+            "--model",
+            "data/models/kaiming",
+            "--out",
+            str(out / "eval"),
+        ],
+    }[module]
+    record = out / "runs" / f"{module}.json"
+    env = {**pipeline.env, "PYTHONPATH": str(site), "CHARLM_STALL_AT": str(out)}
+    proc = Proc([sys.executable, "-m", f"stages.{module}", *args, "--record", str(record)],
+                cwd=pipeline.root, env=env)  # fmt: skip
+    proc.wait_for(lambda: b"stalled before publishing" in proc.out)
+    start = time.monotonic()
+    proc.p.send_signal(sig)
+    rc = proc.p.wait(timeout=10)
+    elapsed = time.monotonic() - start
+    assert rc == 128 + sig, proc.text
+    assert elapsed < 2.0, elapsed
+    assert f"interrupted by {sig.name}" in proc.text and "Traceback" not in proc.text
+    published = [p for p in out.rglob("*") if not p.is_dir()] if out.exists() else []
+    assert published == [], published
+
+
 def test_report_interrupted_stops_its_kernel(pipeline, tmp_path):
     out = tmp_path / "out"
     proc = Proc([sys.executable, "-m", "stages.report", "--eval", "data/eval", "--data",
