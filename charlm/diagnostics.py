@@ -76,14 +76,17 @@ def initial_logits(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict
         idx: int64 (S, P, T); targets: int64 (S, P).
     Returns:
         Lists of S floats: 'loss' (nats), 'logits_std', 'logits_std_predicted',
-        'p_target' (mean probability of the correct character), 'p_max' (mean
-        largest probability), 'h_rms', 'w2_std'.
+        'p_target_median' (median over the probe batch of the probability given to
+        the correct character: 1/V for a uniform softmax; its mean would be no guide,
+        since random logits of any scale give the correct character 1/V on average),
+        'p_max' (mean largest probability), 'h_rms', 'w2_std'.
     """
     m = copy.deepcopy(model).train(True)
     S = m.n_models
     _, h = m.hidden(idx)
     logits = torch.baddbmm(m.b2.unsqueeze(1), h, m.W2)  # (S, P, V)
     probs = torch.softmax(logits.double(), dim=2)
+    p_target = probs.gather(2, targets.unsqueeze(2)).reshape(S, -1)  # (S, P)
     h_rms = h.double().pow(2).reshape(S, -1).mean(1).sqrt()
     w2_std = m.W2.double().reshape(S, -1).std(1)
     H = h.shape[2]
@@ -91,7 +94,7 @@ def initial_logits(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict
         "loss": cross_entropy_per_model(logits, targets).double().tolist(),
         "logits_std": logits.double().reshape(S, -1).std(1).tolist(),
         "logits_std_predicted": (w2_std * h_rms * H**0.5).tolist(),
-        "p_target": probs.gather(2, targets.unsqueeze(2)).reshape(S, -1).mean(1).tolist(),
+        "p_target_median": p_target.quantile(0.5, dim=1).tolist(),
         "p_max": probs.amax(2).mean(1).tolist(),
         "h_rms": h_rms.tolist(),
         "w2_std": w2_std.tolist(),

@@ -76,7 +76,7 @@ def diagnose(
     probe_x, probe_y = probe
     steps, log10_loss = diag.loss_curve(history["loss"], cfg.curve_window)
     out: dict = {
-        "format": 2,
+        "format": 3,
         "thresholds": list(cfg.saturation),
         "curve": {
             "window": min(cfg.curve_window, history["loss"].shape[0]),

@@ -21,7 +21,7 @@ import yaml
 
 SPLITS = ("train", "val", "test")
 LEVEL = 0.95  # confidence level of the paired intervals
-DIAGNOSTICS_FORMAT = 2  # the layout of diagnostics.pt that stages/evaluate.py writes
+DIAGNOSTICS_FORMAT = 3  # the layout of diagnostics.pt that stages/evaluate.py writes
 
 
 @dataclass
@@ -407,6 +407,17 @@ def summary_paragraph(inputs: Inputs) -> str:
             f"The canonical seed matches {ok} of {len(rows)} published numbers "
             f"within their tolerance."
         )
+        missed = [
+            v
+            for v in vs
+            if any(r["variant"] == v and not r["check"].startswith("within") for r in rows)
+        ]
+        if missed:
+            parts.append(
+                f"Missed by {', '.join(missed)}: the published numbers are those of the "
+                "lecture's parameters (the defaults in params.yaml), so a run with other "
+                "parameters, such as a `dvc exp run -S` experiment, is expected to miss them."
+            )
     init = {v: inputs.metrics[v]["canonical"]["init_loss"] for v in vs}
     uniform = math.log(inputs.counts["vocab_size"])
     far = [v for v, x in init.items() if x is not None and x > uniform + 1]
@@ -428,19 +439,20 @@ def init_loss_sentence(v: str, il: dict, seed: int = 0) -> str:
     excess = loss - uniform
     head = f"**{v}** starts at {loss:.4f} nats, {excess:+.4f} from -ln(1/{V}) = {uniform:.4f}"
     std, pred = il["logits_std"][seed], il["logits_std_predicted"][seed]
-    pt, pmax = il["p_target"][seed], il["p_max"][seed]
+    pt, pmax = il["p_target_median"][seed], il["p_max"][seed]
     if abs(excess) <= 0.1:
         return (
             head + f": its logits are small (sd {std:.3f}), so the softmax is close to "
-            f"uniform (the correct character gets {pt:.4f} on average, 1/{V} = {1 / V:.4f})."
+            f"uniform (the correct character gets a median probability of {pt:.4f}; "
+            f"1/{V} = {1 / V:.4f})."
         )
     return (
         head + f": its logits have a standard deviation of {std:.2f} on the probe batch "
         f"(predicted {pred:.2f} = std(W2) {il['w2_std'][seed]:.3f} × rms(h) "
         f"{il['h_rms'][seed]:.3f} × sqrt(H)), so the softmax is confidently wrong: the "
-        f"most likely character takes {pmax:.1%} of the mass on average while the correct "
-        f"one gets {pt:.4f} instead of 1/{V} = {1 / V:.4f}. Scaling W2 (and b2) down "
-        f"towards 0 fixes this."
+        f"most likely character takes {pmax:.1%} of the mass on average, and on half of "
+        f"the examples the correct one gets less than {pt:.2g} instead of 1/{V} = "
+        f"{1 / V:.4f}. Scaling W2 (and b2) down towards 0 fixes this."
     )
 
 

@@ -106,3 +106,7 @@ def test_default_pipeline_reproduces_reference_numbers(tmp_path, repo_env):
     metrics = json.loads(text, parse_constant=lambda t: pytest.fail(f"{t} in metrics.json"))
     misses = check_metrics(metrics, reference)
     assert not misses, "metrics.json differs from DESIGN.md:\n  " + "\n  ".join(misses)
+    # the report says so in its opening paragraph
+    html = (root / "reports" / "report.html").read_text(encoding="utf-8")
+    assert "The canonical seed matches 10 of 10 published numbers" in html
+    assert "Missed by" not in html

@@ -223,7 +223,10 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     assert_complete_page(visit)
     # 2 figures (seeds, curves) + 3 activation figures + gradients + update ratio + BN
     assert len(visit.images) == 8
-    assert "reaches the lowest mean validation loss" in visit.text.split("This run")[0]
+    summary = visit.text.split("This run")[0]
+    assert "reaches the lowest mean validation loss" in summary
+    # 300 steps cannot reach the published numbers, and the summary says why
+    assert "Missed by naive, kaiming, batchnorm" in " ".join(summary.split())
     assert "Not drawn" not in visit.text
     header = visit.text.split("This run")[1].split("Split losses beside")[0]
     for stage in ("download", "split", "train@kaiming", "evaluate@batchnorm"):
