@@ -16,6 +16,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 repro: $(STAMP)
+	python -m stages.params params.yaml
 	dvc repro
 	@echo "report: $(CURDIR)/reports/report.html"
 

@@ -360,3 +360,24 @@ def load(path: str | Path, keys: list[str]) -> dict[str, Any]:
         if any(where == k or where.startswith(k + ".") for k in keys):
             warnings.warn(text, ParamsWarning, stacklevel=2)
     return out
+
+
+def main() -> None:
+    """``python -m stages.params [params.yaml]``: check the whole file, print a summary.
+
+    ``make repro`` runs this before ``dvc repro``, so that a typo is reported before
+    DVC starts removing the outputs of the stages it is about to rerun.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Check a params file against the schema.")
+    parser.add_argument("path", nargs="?", default="params.yaml")
+    args = parser.parse_args()
+    p = validate(args.path)
+    print(f"{args.path}: valid ({len(p.variants)} variants: {', '.join(p.variants)})")
+
+
+if __name__ == "__main__":
+    from stages import io
+
+    io.run(main)

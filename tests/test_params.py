@@ -329,3 +329,17 @@ def test_load_hands_out_only_declared_keys(stage, monkeypatch):
 def covered(key: str, declared: list[str]) -> bool:
     """Whether dvc tracks ``key`` through one of the ``declared`` params."""
     return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+def test_the_command_line_check_names_the_line_and_exits_1(tmp_path):
+    """``python -m stages.params``, which ``make repro`` runs before ``dvc repro``."""
+    good = run([sys.executable, "-m", "stages.params", "params.yaml"], cwd=ROOT)
+    assert "params.yaml: valid (3 variants: naive, kaiming, batchnorm)" in good.stdout
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    line = text[: text.index("batch_size:")].count("\n") + 1
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text.replace("batch_size:", "batch_sise:", 1), encoding="utf-8")
+    proc = run([sys.executable, "-m", "stages.params", str(bad)], cwd=ROOT, check=False)
+    assert proc.returncode == 1
+    assert f"{bad}:{line}: unknown key 'train.batch_sise'" in proc.stderr
+    assert "did you mean 'train.batch_size'?" in proc.stderr and "Traceback" not in proc.stderr
