@@ -375,6 +375,20 @@ def leftovers(*dirs: Path) -> list[Path]:
     return [p for d in dirs if d.exists() for p in d.rglob(".*.tmp")]
 
 
+def stop_cleanly(proc: Proc, sig: signal.Signals, out: Path) -> None:
+    """Send ``sig``: the stage must exit 128 + sig within 2 s with its message and
+    no traceback, and leave no file under ``out`` (directories may remain)."""
+    start = time.monotonic()
+    proc.p.send_signal(sig)
+    rc = proc.p.wait(timeout=10)
+    elapsed = time.monotonic() - start
+    assert rc == 128 + sig, proc.text
+    assert elapsed < 2.0, elapsed
+    assert f"interrupted by {sig.name}" in proc.text and "Traceback" not in proc.text
+    published = [p for p in out.rglob("*") if not p.is_dir()] if out.exists() else []
+    assert published == [], published
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_train_interrupted_exits_at_once_without_output(pipeline, tmp_path, sig):
     p = yaml.safe_load((pipeline.root / "params.yaml").read_text(encoding="utf-8"))
@@ -387,14 +401,7 @@ def test_train_interrupted_exits_at_once_without_output(pipeline, tmp_path, sig)
                  "--curve", str(out / "curves" / "kaiming.csv")], cwd=pipeline.root)  # fmt: skip
     proc.wait_for(lambda: b"train@kaiming" in proc.out)  # the progress bar: training started
     time.sleep(0.5)
-    start = time.monotonic()
-    proc.p.send_signal(sig)
-    rc = proc.p.wait(timeout=10)
-    elapsed = time.monotonic() - start
-    assert rc == 128 + sig, proc.text
-    assert elapsed < 2.0, elapsed
-    assert f"interrupted by {sig.name}" in proc.text and "Traceback" not in proc.text
-    assert not out.exists() or not any(out.rglob("*")), list(out.rglob("*"))
+    stop_cleanly(proc, sig, out)
 
 
 def test_train_killed_outright_then_rerun_to_success(pipeline, tmp_path):
@@ -469,15 +476,7 @@ def test_stage_interrupted_while_publishing_leaves_nothing(pipeline, tmp_path, m
     proc = Proc([sys.executable, "-m", f"stages.{module}", *args, "--record", str(record)],
                 cwd=pipeline.root, env=env)  # fmt: skip
     proc.wait_for(lambda: b"stalled before publishing" in proc.out)
-    start = time.monotonic()
-    proc.p.send_signal(sig)
-    rc = proc.p.wait(timeout=10)
-    elapsed = time.monotonic() - start
-    assert rc == 128 + sig, proc.text
-    assert elapsed < 2.0, elapsed
-    assert f"interrupted by {sig.name}" in proc.text and "Traceback" not in proc.text
-    published = [p for p in out.rglob("*") if not p.is_dir()] if out.exists() else []
-    assert published == [], published
+    stop_cleanly(proc, sig, out)
 
 
 def test_report_interrupted_stops_its_kernel(pipeline, tmp_path):
