@@ -292,14 +292,55 @@ def _read(path: Path) -> tuple[Any, yaml.Node | None]:
     return {k: v if k == "data" else _number(v) for k, v in raw.items()}, root
 
 
+# Sections whose every key params.yaml must spell out, although the library's
+# configs have defaults: a deleted line must not silently become a default.
+SPELLED_OUT: dict[str, type[BaseModel]] = {
+    "split": SplitConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def _missing(path: Path, raw: Any, root: yaml.Node | None) -> list[str]:
+    """'file:line: missing ...' for each section of SPELLED_OUT or key in it that the
+    file leaves out (a section of the wrong type is left to the schema's error)."""
+    if not isinstance(raw, dict):
+        return []
+    lines = []
+    for section, model in SPELLED_OUT.items():
+        given = raw.get(section)
+        if given is not None and not isinstance(given, dict):
+            continue
+        absent = [name for name in model.model_fields if given is None or name not in given]
+        if not absent:
+            continue
+        line = _line_of(root, (section,)) if given is not None else None
+        where = f"{path}:{line}" if line else f"{path}"
+        if given is None:
+            lines.append(
+                f"{where}: missing section {section!r} (keys: {', '.join(absent)}); "
+                "the params file must spell out every number the pipeline uses"
+            )
+            continue
+        for name in absent:
+            default = model.model_fields[name].get_default(call_default_factory=True)
+            lines.append(
+                f"{where}: missing key '{section}.{name}'; the params file must spell out every "
+                f"number the pipeline uses (the lecture's value: {name}: {default!r})"
+            )
+    return lines
+
+
 def _check(path: str | Path) -> tuple[Params, list[tuple[str, str]]]:
     """Validate; return the params and the advice as (dotted key, 'file:line: ...')."""
     path = Path(path)
     raw, root = _read(path)
+    missing = _missing(path, raw, root)
     try:
         params = Params.model_validate(raw)
     except ValidationError as e:
-        lines = []
+        lines = list(missing)
         for err in e.errors():
             loc = tuple(err["loc"])
             cause = (err.get("ctx") or {}).get("error")
@@ -309,6 +350,8 @@ def _check(path: str | Path) -> tuple[Params, list[tuple[str, str]]]:
             where = f"{path}:{line}" if line else f"{path}"
             lines.append(f"{where}: {_describe(err, loc, raw)}")
         raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines)) from None
+    if missing:
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(missing))
     advice = []
     for name, variant in params.variants.items():
         for field, msg in variant.advice():

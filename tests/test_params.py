@@ -196,6 +196,21 @@ def test_every_error_is_listed(tmp_path):
     assert "key 'train.lr' = -1" in msg and "unknown key 'model.n_emdb'" in msg
 
 
+def test_a_deleted_line_is_an_error_not_a_silent_default(tmp_path):
+    """The configs have the lecture's defaults, but params.yaml must spell out every
+    number: a key or a whole section left out is named, with its line and value."""
+    path = tmp_path / "params.yaml"
+    path.write_text(BASE.replace("  batch_size: 32\n", ""), encoding="utf-8")
+    msg = error_of(path)
+    section = line_of_key(BASE, "train") + 1
+    assert f"{path}:{section}: missing key 'train.batch_size'" in msg, msg
+    assert "(the lecture's value: batch_size: 32)" in msg
+    start = BASE.index("\nevaluate:")
+    path.write_text(BASE[:start] + BASE[BASE.index("\n\n", start + 1) :], encoding="utf-8")
+    msg = error_of(path)
+    assert f"{path}: missing section 'evaluate' (keys: probe_seed, probe_size," in msg, msg
+
+
 def test_duplicate_key(tmp_path):
     path, first = edit(tmp_path, "train.lr", "lr: 0.1\nlr: 0.2")
     msg = error_of(path)
