@@ -414,9 +414,10 @@ def summary_paragraph(inputs: Inputs) -> str:
         ]
         if missed:
             parts.append(
-                f"Missed by {', '.join(missed)}: the published numbers are those of the "
-                "lecture's parameters (the defaults in params.yaml), so a run with other "
-                "parameters, such as a `dvc exp run -S` experiment, is expected to miss them."
+                f"Outside the tolerance: {', '.join(missed)}. The published numbers are "
+                "those of the lecture's parameters (the defaults in params.yaml), so a run "
+                "with other parameters, such as a `dvc exp run -S` experiment, is expected "
+                "to miss them."
             )
     init = {v: inputs.metrics[v]["canonical"]["init_loss"] for v in vs}
     uniform = math.log(inputs.counts["vocab_size"])
@@ -437,7 +438,10 @@ def init_loss_sentence(v: str, il: dict, seed: int = 0) -> str:
     if loss is None or not math.isfinite(loss):
         return f"**{v}**: the step-0 loss is not finite."
     excess = loss - uniform
-    head = f"**{v}** starts at {loss:.4f} nats, {excess:+.4f} from -ln(1/{V}) = {uniform:.4f}"
+    head = (
+        f"**{v}** (canonical seed) starts at {loss:.4f} nats, {excess:+.4f} from "
+        f"-ln(1/{V}) = {uniform:.4f}"
+    )
     std, pred = il["logits_std"][seed], il["logits_std_predicted"][seed]
     pt, pmax = il["p_target_median"][seed], il["p_max"][seed]
     if abs(excess) <= 0.1:

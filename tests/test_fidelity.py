@@ -109,4 +109,4 @@ def test_default_pipeline_reproduces_reference_numbers(tmp_path, repo_env):
     # the report says so in its opening paragraph
     html = (root / "reports" / "report.html").read_text(encoding="utf-8")
     assert "The canonical seed matches 10 of 10 published numbers" in html
-    assert "Missed by" not in html
+    assert "Outside the tolerance" not in html

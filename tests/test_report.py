@@ -226,7 +226,7 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     summary = visit.text.split("This run")[0]
     assert "reaches the lowest mean validation loss" in summary
     # 300 steps cannot reach the published numbers, and the summary says why
-    assert "Missed by naive, kaiming, batchnorm" in " ".join(summary.split())
+    assert "Outside the tolerance: naive, kaiming, batchnorm." in " ".join(summary.split())
     assert "Not drawn" not in visit.text
     header = visit.text.split("This run")[1].split("Split losses beside")[0]
     for stage in ("download", "split", "train@kaiming", "evaluate@batchnorm"):
