@@ -153,9 +153,7 @@ class _Step:
         V, T = model.vocab_size, model.block_size
         E, H = model.C.shape[2], model.W1.shape[2]
         Vp, Kp = _round_up(V), _round_up(T * E + 1)
-        self.S, self.B, self.V, self.T, self.E, self.H, self.Vp, self.Kp = (
-            S, B, V, T, E, H, Vp, Kp,
-        )  # fmt: skip
+        self.S, self.B, self.V, self.T, self.E = S, B, V, T, E
         self.bn = model.bn is not None
         m = model.bn.momentum if self.bn else 0.0
         dev, dt = model.C.device, model.C.dtype
@@ -175,8 +173,8 @@ class _Step:
         self.shapes = shapes
         self.P = torch.zeros(sum(math.prod(s) for s in shapes.values()), device=dev, dtype=dt)
         self.G = torch.zeros_like(self.P)
-        p, g = self.views(self.P), self.views(self.G)
-        self.p, self.g = p, g
+        p = self.views(self.P)
+        self.g = g = self.views(self.G)
         empty = lambda *shape: torch.empty(shape, device=dev, dtype=dt)  # noqa: E731
         TE = T * E
         # forward
@@ -225,7 +223,7 @@ class _Step:
             self.c = empty(S, B, H)  # b / std
             self.t = empty(S, B, H)
             self.dc = empty(S, B, H)
-            self.small = [empty(S, 1, H) for _ in range(4)]
+            self.small = [empty(S, 1, H) for _ in range(3)]
         else:
             self.gb1 = g["W1"][:, TE]  # (S, H)
 
@@ -345,7 +343,7 @@ class _Step:
         terms are kept positive and subtracted: rounding is symmetric, so the bits agree.
         """
         g, k = self.g, self.k
-        neg_dstd, neg_dmean, coef, _ = self.small
+        neg_dstd, neg_dmean, coef = self.small
         torch.sum(dout, 1, out=g["bn.bias"])  # AddBackward: sum_to_size
         torch.div(dout, self.std, out=self.dc)  # DivBackward, self: grad / other
         torch.div(self.c, self.std, out=self.t)  # other: -grad * ((self / other) / other)

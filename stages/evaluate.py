@@ -26,6 +26,7 @@ from stages import io, params, provenance
 from stages.params import EvaluateConfig
 
 PARAMS = ["evaluate"]
+DIAGNOSTICS_FORMAT = 3  # the layout of diagnostics.pt; the report refuses other versions
 SPLITS = ("train", "val", "test")
 
 
@@ -76,7 +77,7 @@ def diagnose(
     probe_x, probe_y = probe
     steps, log10_loss = diag.loss_curve(history["loss"], cfg.curve_window)
     out: dict = {
-        "format": 3,
+        "format": DIAGNOSTICS_FORMAT,
         "thresholds": list(cfg.saturation),
         "curve": {
             "window": min(cfg.curve_window, history["loss"].shape[0]),

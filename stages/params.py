@@ -129,6 +129,16 @@ class ParamsWarning(UserWarning):
     """A valid setting that is almost surely not what was meant (file, line, key, why)."""
 
 
+def _where(path: Path, root: yaml.Node | None, loc: tuple[Any, ...]) -> str:
+    """'file:line' of ``loc``, or just 'file' when the key is not in the file."""
+    line = _line_of(root, loc)
+    return f"{path}:{line}" if line else f"{path}"
+
+
+def _invalid(lines: list[str]) -> ParamsError:
+    return ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
+
+
 def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the deepest node of ``loc`` found in the YAML node tree."""
     node, line = root, None
@@ -283,9 +293,7 @@ def _read(path: Path) -> tuple[Any, yaml.Node | None]:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     dups = _duplicates(root)
     if dups:
-        raise ParamsError(
-            "invalid parameters:\n  " + "\n  ".join(f"{path}:{line}: {msg}" for line, msg in dups)
-        )
+        raise _invalid([f"{path}:{line}: {msg}" for line, msg in dups])
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     # data holds strings only (a sha256 of digits and one 'e' must stay a string)
@@ -315,8 +323,7 @@ def _missing(path: Path, raw: Any, root: yaml.Node | None) -> list[str]:
         absent = [name for name in model.model_fields if given is None or name not in given]
         if not absent:
             continue
-        line = _line_of(root, (section,)) if given is not None else None
-        where = f"{path}:{line}" if line else f"{path}"
+        where = _where(path, root, (section,)) if given is not None else f"{path}"
         if given is None:
             lines.append(
                 f"{where}: missing section {section!r} (keys: {', '.join(absent)}); "
@@ -346,18 +353,15 @@ def _check(path: str | Path) -> tuple[Params, list[tuple[str, str]]]:
             cause = (err.get("ctx") or {}).get("error")
             if isinstance(cause, FieldError):  # a check across fields names its field
                 loc = (*loc, *cause.key.split("."))
-            line = _line_of(root, loc)
-            where = f"{path}:{line}" if line else f"{path}"
-            lines.append(f"{where}: {_describe(err, loc, raw)}")
-        raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines)) from None
+            lines.append(f"{_where(path, root, loc)}: {_describe(err, loc, raw)}")
+        raise _invalid(lines) from None
     if missing:
-        raise ParamsError("invalid parameters:\n  " + "\n  ".join(missing))
+        raise _invalid(missing)
     advice = []
     for name, variant in params.variants.items():
         for field, msg in variant.advice():
             loc = ("variants", name, field)
-            line = _line_of(root, loc)
-            where = f"{path}:{line}" if line else f"{path}"
+            where = _where(path, root, loc)
             advice.append((".".join(loc), f"{where}: key {'.'.join(loc)!r}: {msg}"))
     return params, advice
 

@@ -73,7 +73,7 @@ def describe(cwd: Path | None = None) -> dict[str, str | None]:
     }
 
 
-def write_record(path: Path | None, **extra: Any) -> dict[str, Any] | None:
+def write_record(path: Path | None, **extra: Any) -> None:
     """Write the run record of a stage to ``path`` (atomically; nothing when None).
 
     Call it once the stage's outputs are written. The record's "seconds" is the wall
@@ -85,17 +85,16 @@ def write_record(path: Path | None, **extra: Any) -> dict[str, Any] | None:
             (``train@kaiming``), as in ``dvc.yaml``.
         extra: stage-specific figures (JSON-serialisable, finite).
 
-    Returns the record: {"stage", "seconds", **extra, **describe()}, or None.
+    The record is {"stage", "seconds", **extra, **describe()}.
     """
     if path is None:
-        return None
+        return
     import psutil  # comes with dvc
 
     seconds = time.time() - psutil.Process().create_time()
     path = Path(path)
     record = {"stage": path.stem, "seconds": round(seconds, 3), **extra, **describe()}
     io.write_json(path, record)
-    return record
 
 
 def add_record_argument(parser: argparse.ArgumentParser) -> None:

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import yaml
 
+from stages.evaluate import DIAGNOSTICS_FORMAT
+
 SPLITS = ("train", "val", "test")
 LEVEL = 0.95  # confidence level of the paired intervals
-DIAGNOSTICS_FORMAT = 3  # the layout of diagnostics.pt that stages/evaluate.py writes
 
 
 @dataclass
@@ -55,6 +56,10 @@ def load(
     def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
 
+    def record(stage: str) -> dict | None:
+        path = None if runs_dir is None else Path(runs_dir) / f"{stage}.json"
+        return read_json(path) if path is not None and path.is_file() else None
+
     diagnostics = {}
     for v in variants:
         path = ev / v / "diagnostics.pt"
@@ -70,11 +75,7 @@ def load(
         metrics={v: read_json(ev / v / "metrics.json") for v in variants},
         samples={v: read_json(ev / v / "samples.json") for v in variants},
         diagnostics=diagnostics,
-        runs={
-            stage: read_json(path) if path is not None and path.is_file() else None
-            for stage in pipeline_stages(variants)
-            for path in [None if runs_dir is None else Path(runs_dir) / f"{stage}.json"]
-        },
+        runs={stage: record(stage) for stage in pipeline_stages(variants)},
     )
 
 
@@ -306,10 +307,7 @@ def seed_rows(inputs: Inputs) -> list[dict]:
 
 def diverged(inputs: Inputs, v: str) -> list[bool]:
     """Per seed, whether it diverged (non-finite training loss or split losses)."""
-    ps = inputs.metrics[v]["per_seed"]
-    if "diverged" in ps:
-        return [bool(d) for d in ps["diverged"]]
-    return [d is not None for d in ps["diverged_at"]]
+    return [bool(d) for d in inputs.metrics[v]["per_seed"]["diverged"]]
 
 
 def first_good_seed(inputs: Inputs, v: str) -> int | None:

@@ -184,10 +184,6 @@ def _png(fig: plt.Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _is_list(table: pd.DataFrame, key: str) -> bool:
-    return bool(table[key].map(lambda v: isinstance(v, (list, tuple, dict))).any())
-
-
 def group_of(params: dict[str, Any], others: list[str]) -> tuple[str, ...]:
     """The comparison key of ``params``' values of ``others`` (missing: null)."""
     return tuple(_same(params.get(o)) for o in others)

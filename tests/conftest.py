@@ -7,6 +7,7 @@ developer's workspace and DVC cache are never touched.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +33,15 @@ TINY: dict[str, Any] = {
     },
     "evaluate": {"n_novelty": 50},
 }
+
+
+def strict_json(path: Path) -> dict:
+    """Parse JSON refusing NaN/Infinity tokens (invalid JSON DVC could not compare)."""
+
+    def reject(token: str):
+        raise AssertionError(f"{path}: non-finite token {token}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
 
 
 def names_file() -> Path | None:

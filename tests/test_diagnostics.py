@@ -74,7 +74,10 @@ def test_initial_logits_loss_matches_the_forward_pass(name):
     il = diag.initial_logits(m, x, y)
     _, loss = m.train()(x, y)
     assert il["loss"] == pytest.approx(loss.tolist(), rel=1e-6)
-    if name == "naive":  # the reason its step-0 loss is far above ln 27
+    # the reason naive's step-0 loss is far above ln 27: logits of sd > 3 (vs 0.1), and
+    # the correct character gets less than 1% of the uniform 1/V on half of the probe
+    # examples (measured 1e-5 and 1e-4 for these two seeds)
+    if name == "naive":
         assert min(il["logits_std"]) > 3 and max(il["p_target_median"]) < 0.01 / V
 
 

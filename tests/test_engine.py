@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from torch.testing import assert_close
 
+from benchmarks.lecture import lecture_train
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
@@ -119,69 +119,6 @@ def test_well_initialised_step0_loss_is_near_uniform(train_windows):
 # --------------------------------------------- train vs the lecture's loop
 
 
-def lecture_loop(name: str, Xtr, Ytr, max_steps: int, decay_step: int):
-    """makemore part 3's training loop, written the way the lecture writes it."""
-    g = torch.Generator().manual_seed(SEED)
-    n_embd, n_hidden, block_size, vocab_size = 10, 200, 3, 27
-    fan_in = n_embd * block_size
-    C = torch.randn((vocab_size, n_embd), generator=g)
-    if name == "naive":
-        W1 = torch.randn((fan_in, n_hidden), generator=g)
-        b1 = torch.randn(n_hidden, generator=g)
-        W2 = torch.randn((n_hidden, vocab_size), generator=g)
-        b2 = torch.randn(vocab_size, generator=g)
-    else:
-        W1 = torch.randn((fan_in, n_hidden), generator=g) * ((5 / 3) / fan_in**0.5)
-        b1 = None if name == "batchnorm" else torch.randn(n_hidden, generator=g) * 0.01
-        W2 = torch.randn((n_hidden, vocab_size), generator=g) * 0.01
-        b2 = torch.randn(vocab_size, generator=g) * 0
-    bngain = torch.ones((1, n_hidden))
-    bnbias = torch.zeros((1, n_hidden))
-    bnmean_running = torch.zeros((1, n_hidden))
-    bnstd_running = torch.ones((1, n_hidden))
-    if name == "batchnorm":
-        parameters = [C, W1, W2, b2, bngain, bnbias]
-    else:
-        parameters = [C, W1, b1, W2, b2]
-    for p in parameters:
-        p.requires_grad = True
-
-    lossi = []
-    for i in range(max_steps):
-        ix = torch.randint(0, Xtr.shape[0], (32,), generator=g)
-        Xb, Yb = Xtr[ix], Ytr[ix]
-        emb = C[Xb]
-        embcat = emb.view(emb.shape[0], -1)
-        hpreact = embcat @ W1
-        if name == "batchnorm":
-            bnmeani = hpreact.mean(0, keepdim=True)
-            bnstdi = hpreact.std(0, keepdim=True)
-            hpreact = bngain * (hpreact - bnmeani) / bnstdi + bnbias
-            with torch.no_grad():
-                bnmean_running = 0.999 * bnmean_running + 0.001 * bnmeani
-                bnstd_running = 0.999 * bnstd_running + 0.001 * bnstdi
-        else:
-            hpreact = hpreact + b1
-        h = torch.tanh(hpreact)
-        logits = h @ W2 + b2
-        loss = F.cross_entropy(logits, Yb)
-        for p in parameters:
-            p.grad = None
-        loss.backward()
-        lr = 0.1 if i < decay_step else 0.01
-        for p in parameters:
-            p.data += -lr * p.grad
-        lossi.append(loss.item())
-    final = dict(zip(["C", "W1", "b1", "W2", "b2"], [C, W1, b1, W2, b2], strict=True))
-    final.update(gain=bngain, bias=bnbias, mean=bnmean_running, std=bnstd_running)
-    return torch.tensor(lossi), final
-
-
-# The engine replays autograd's kernels in autograd's order (charlm/engine.py), so the
-# run is bitwise the lecture's: zero tolerance, for every variant.
-LECTURE_TOL = {name: {"rtol": 0.0, "atol": 0.0} for name in ("naive", "kaiming", "batchnorm")}
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_train_matches_the_lecture_loop(name, train_windows, monkeypatch):
     X, Y = train_windows
@@ -191,19 +128,20 @@ def test_train_matches_the_lecture_loop(name, train_windows, monkeypatch):
     model, gens = new_model(name, [SEED])
     cfg = TrainConfig(seeds=[SEED], max_steps=steps, lr_decay_step=decay, record_every=10)
     result = engine.train(model, X, Y, gens, cfg)
-    ref_loss, ref = lecture_loop(name, X, Y, steps, decay)
+    ref, ref_loss = lecture_train(X, Y, name, steps, seed=SEED, decay_step=decay)
 
     assert result.loss.shape == (steps, 1)
     assert result.diverged_at == [None]
-    tol = LECTURE_TOL[name]
-    assert_close(result.loss[:, 0], ref_loss, **tol)
+    # the engine replays autograd's kernels in autograd's order (charlm/engine.py), so
+    # the run is bitwise the lecture's: equality, for every variant
+    assert torch.equal(result.loss[:, 0], ref_loss)
     for k in ("C", "W1", "W2", "b2") + (("b1",) if name != "batchnorm" else ()):
-        assert_close(getattr(model, k)[0].detach(), ref[k].detach(), **tol)
+        assert torch.equal(getattr(model, k)[0].detach(), ref[k]), k
     if name == "batchnorm":
-        assert_close(model.bn.gain[0].detach(), ref["gain"][0].detach(), **tol)
-        assert_close(model.bn.bias[0].detach(), ref["bias"][0].detach(), **tol)
-        assert_close(model.bn.running_mean[0], ref["mean"][0], **tol)
-        assert_close(model.bn.running_std[0], ref["std"][0], **tol)
+        assert torch.equal(model.bn.gain[0].detach(), ref["bngain"][0])
+        assert torch.equal(model.bn.bias[0].detach(), ref["bnbias"][0])
+        assert torch.equal(model.bn.running_mean[0], ref["bnmean_running"][0])
+        assert torch.equal(model.bn.running_std[0], ref["bnstd_running"][0])
     assert result.record_steps.tolist() == [0, 10, 20, 30, 40]
     assert set(result.update_ratio) == {"C", "W1", "W2"}
     assert all(
@@ -220,8 +158,9 @@ def test_seed_trains_alike_alone_and_inside_a_batch(name, train_windows):
     batch, g3 = new_model(name, [SEED, 1, 2])
     loss_alone = engine.train(alone, X, Y, g1, cfg_one).loss[:, 0]
     loss_batch = engine.train(batch, X, Y, g3, cfg_three).loss[:, 1]
-    assert_close(loss_batch, loss_alone, rtol=1e-5, atol=1e-6)
-    assert_close(batch.W1[1], alone.W1[0], rtol=1e-4, atol=1e-6)
+    # every op is per model (charlm/engine.py): bitwise, not just close
+    assert torch.equal(loss_batch, loss_alone)
+    assert torch.equal(batch.W1[1], alone.W1[0])
 
 
 def test_train_reports_divergence():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.lecture import lecture_train
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.evaluate import split_loss
@@ -61,20 +60,11 @@ def test_seed_in_batch_equals_seed_alone(variant: str, data: dict) -> None:
         batch, batch_result = run(variant, SEEDS, data, workers=workers)
         val_batch = split_loss(batch, *data["val"])  # float64 (3,), nats
         val_alone = split_loss(alone, *data["val"])
-        torch.testing.assert_close(val_batch[1], val_alone[0], rtol=0, atol=1e-4)
-        torch.testing.assert_close(
-            batch_result.loss[:, 1], alone_result.loss[:, 0], rtol=0, atol=1e-4
-        )
-        # the other seeds trained too, and differently
+        # every op is per model (charlm/engine.py): the same bits, in any group or worker
+        assert torch.equal(val_batch[1], val_alone[0])
+        assert torch.equal(batch_result.loss[:, 1], alone_result.loss[:, 0])
+        # the other seeds trained too, and differently: different seeds end 0.02 nats
+        # or more apart after these steps, far above any rounding
         assert (val_batch - val_batch[1]).abs()[[0, 2]].min() > 1e-3
     assert torch.isfinite(alone_result.loss).all()
     assert alone_result.loss[-50:].mean() < alone_result.loss[:50].mean()
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_seed_alone_follows_the_lecture_loop(variant: str, data: dict) -> None:
-    """Bitwise: the engine replays autograd's kernels in autograd's order (engine.py)."""
-    _, result = run(variant, [2147483647], data, workers=1)
-    _, lecture_loss = lecture_train(*data["train"], variant, STEPS, seed=2147483647)
-    # the lecture's lr schedule switches at 100,000; ours at 200: compare before it
-    assert torch.equal(result.loss[:200, 0], lecture_loss[:200])

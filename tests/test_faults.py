@@ -28,7 +28,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import TINY, deep_update, make_repo, run
+from conftest import TINY, deep_update, make_repo, run, strict_json
 from test_params import covered, dvc_stages
 
 from charlm import engine
@@ -99,15 +99,6 @@ def pipeline(tmp_path_factory, names_path: Path) -> Pipeline:
     return Pipeline(root, env, proc, keys_log)
 
 
-def strict_json(path: Path) -> dict:
-    """Parse JSON refusing NaN/Infinity tokens (invalid JSON DVC could not compare)."""
-
-    def reject(token: str):
-        raise AssertionError(f"{path}: non-finite token {token}")
-
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
-
-
 # ---------------------------------------------------------------------- divergence
 
 
@@ -152,7 +143,9 @@ def test_divergence_is_recorded_and_the_run_finishes(pipeline):
 def test_no_metrics_file_holds_nan_or_infinity(pipeline):
     root = pipeline.root
     files = [*root.glob("data/**/*.json"), *root.glob("reports/**/*.json")]
-    assert len(files) >= 3 * len(VARIANTS) + 2
+    # processed/{vocab,words,counts}, per variant train.json, metrics.json, samples.json
+    # and two run records, the download and split records, reports/metrics.json
+    assert len(files) == 3 + 5 * len(VARIANTS) + 2 + 1, sorted(map(str, files))
     for path in files:
         strict_json(path)
     for curve in root.glob("reports/curves/*.csv"):
@@ -536,7 +529,8 @@ def test_dvc_repro_interrupted_then_rerun(pipeline, shell):
         assert not leftovers(root / "reports", root / "data"), send
 
     rerun = run(["dvc", "repro"], cwd=root, env=env)
-    assert "report" in rerun.stdout  # restored from the cache or run again
+    # restored from the run cache or run again
+    assert re.search(r"Running stage 'report'|Stage 'report' is cached", rerun.stdout)
     assert run(["dvc", "status", "--json"], cwd=root, env=env).stdout.strip() == "{}"
     forced = run(["dvc", "repro", "-f", "-s", "report"], cwd=root, env=env)
     assert "Running stage 'report'" in forced.stdout

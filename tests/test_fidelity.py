@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_repo, run
+from conftest import make_repo, run, strict_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
@@ -102,8 +102,7 @@ def test_default_pipeline_reproduces_reference_numbers(tmp_path, repo_env):
 
     run(["dvc", "repro"], cwd=root, env=repo_env, timeout=3 * 3600)
 
-    text = (root / "reports" / "metrics.json").read_text(encoding="utf-8")
-    metrics = json.loads(text, parse_constant=lambda t: pytest.fail(f"{t} in metrics.json"))
+    metrics = strict_json(root / "reports" / "metrics.json")
     misses = check_metrics(metrics, reference)
     assert not misses, "metrics.json differs from DESIGN.md:\n  " + "\n  ".join(misses)
     # the report says so in its opening paragraph

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run
+from conftest import NAMES_SHA256, ROOT, run
 
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, parse_names
@@ -277,9 +277,8 @@ def test_own_names_with_another_alphabet_run_through(tmp_path: Path):
     mirror = tmp_path / "my_names.txt"
     mirror.write_bytes(raw)
     out = tmp_path / "data" / "raw" / "names.txt"
-    lecture_sha = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
     with pytest.raises(ValueError, match="checksum mismatch"):
-        download("unused", lecture_sha, out, mirror=str(mirror))
+        download("unused", NAMES_SHA256, out, mirror=str(mirror))
     download("unused", hashlib.sha256(raw).hexdigest(), out, mirror=str(mirror))
 
     processed = tmp_path / "data" / "processed"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, make_repo, run
+from conftest import TINY, make_repo, run, strict_json
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +34,6 @@ def stages_run(proc) -> set[str]:
 def losses(entry: dict) -> dict:
     """The canonical seed's split losses and step-0 loss of one variant's metrics."""
     return {k: entry[k] for k in (*SPLITS, "init_loss")}
-
-
-def no_nan_tokens(text: str) -> None:
-    """Strict JSON: NaN/Infinity would be invalid JSON that DVC cannot compare."""
-
-    def reject(token: str):
-        raise AssertionError(f"non-finite token {token} in metrics.json")
-
-    json.loads(text, parse_constant=reject)
 
 
 class Baseline:
@@ -124,9 +115,7 @@ def test_every_stage_writes_a_run_record_and_results_hold_none(baseline):
 
 
 def test_repro_metrics(baseline):
-    text = (baseline.root / "reports" / "metrics.json").read_text(encoding="utf-8")
-    no_nan_tokens(text)
-    metrics = json.loads(text)
+    metrics = strict_json(baseline.root / "reports" / "metrics.json")
     assert set(metrics) == set(VARIANTS)
     for v in VARIANTS:
         m = metrics[v]

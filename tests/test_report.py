@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from conftest import TINY, deep_update, make_repo, run
+from conftest import TINY, deep_update, make_repo, run, strict_json
 
 from charlm.diagnostics import activation_summary
 from stages import io, report, report_stats
@@ -232,8 +232,7 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     for stage in ("download", "split", "train@kaiming", "evaluate@batchnorm"):
         assert stage in header, f"no run record of {stage} in the header"
     assert "not recorded" not in header
-    metrics = (root / "reports" / "metrics.json").read_text(encoding="utf-8")
-    json.loads(metrics, parse_constant=lambda t: pytest.fail(f"non-finite {t} in metrics"))
+    strict_json(root / "reports" / "metrics.json")
 
 
 @pytest.mark.integration
@@ -291,8 +290,7 @@ def make_degenerate(src: Path, dst: Path) -> None:
 
     m = json.loads((dst / "batchnorm" / "metrics.json").read_text(encoding="utf-8"))
     m["per_seed"]["diverged_at"][0] = 150
-    if "diverged" in m["per_seed"]:
-        m["per_seed"]["diverged"][0] = True
+    m["per_seed"]["diverged"][0] = True
     m["n_diverged"] = 1
     for k in ("train", "val", "test"):
         m["per_seed"][k][0] = None
@@ -333,10 +331,7 @@ def test_report_on_degenerate_diagnostics_is_complete_with_notes(tiny, tmp_path,
     assert "Note: batchnorm: 1 diverged seed(s) have no split losses" in text
     assert "kaiming 1 → 1" in text  # the dead unit, at init and after training
     assert "no value (diverged)" in text  # batchnorm's canonical seed vs the reference
-    metrics = json.loads(
-        (tmp_path / "metrics.json").read_text(encoding="utf-8"),
-        parse_constant=lambda t: pytest.fail(f"non-finite {t}"),
-    )
+    metrics = strict_json(tmp_path / "metrics.json")
     assert metrics["batchnorm"]["val"] is None and metrics["batchnorm"]["n_diverged"] == 1
 
 
