@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 repro: $(STAMP)
-	python -m stages.params params.yaml
+	python -m pipeline.params params.yaml
 	dvc repro
 	@echo "report: $(CURDIR)/reports/report.html"
 
@@ -33,7 +33,7 @@ sweep: $(STAMP)
 	OMP_NUM_THREADS=1 dvc queue start -j 2
 
 sweep-report: $(STAMP)
-	python -m stages.sweep_report --out reports/sweep.html
+	python -m tools.sweep_report --out reports/sweep.html
 
 lint: $(STAMP)
 	ruff check .

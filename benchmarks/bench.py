@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.lecture import VARIANTS, lecture_train
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
 from charlm.model import build_mlp
+from reference.lecture import VARIANTS, lecture_train
 
 ROOT = Path(__file__).resolve().parents[1]
 CANONICAL = 2147483647

@@ -11,6 +11,7 @@ change, so that the error can point at its line in params.yaml.
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 import torch
@@ -170,3 +171,100 @@ class TrainConfig(_Strict):
     def lr_at(self, step: int, lr_scale: float = 1.0) -> float:
         """Learning rate at ``step`` (0-based), times the variant's ``lr_scale``."""
         return (self.lr if step < self.lr_decay_step else self.lr_decayed) * lr_scale
+
+
+# ---------------------------------------------------------------- pipeline sections
+# The rest of params.yaml: what the data, split, evaluate and report stages read, and
+# the whole file (``Params``). pipeline.params reads the YAML and validates it here.
+
+
+class DataConfig(_Strict):
+    url: str
+    sha256: str
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _check_sha256(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", v):
+                raise ValueError(
+                    "sha256 must be 64 hexadecimal digits, as `sha256sum names.txt` prints"
+                )
+        return v
+
+
+class SplitConfig(_Strict):
+    seed: int = 42
+    train_frac: float = Field(0.8, gt=0.0, lt=1.0)
+    val_frac: float = Field(0.1, gt=0.0, lt=1.0)
+    block_size: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _check_sum(self) -> SplitConfig:
+        if self.train_frac + self.val_frac >= 1.0:
+            raise FieldError(
+                "val_frac",
+                f"train_frac + val_frac must be < 1 to leave a test split, "
+                f"got {self.train_frac} + {self.val_frac}",
+            )
+        return self
+
+
+class EvaluateConfig(_Strict):
+    probe_seed: int = 7
+    probe_size: int = Field(32, ge=2)
+    sample_seed: int = 2147483657
+    n_samples: int = Field(20, ge=0)
+    n_novelty: int = Field(1000, ge=0)
+    curve_window: int = Field(1000, ge=1)
+    saturation: list[float] = Field(default_factory=lambda: [0.97, 0.99], min_length=1)
+
+    @field_validator("saturation")
+    @classmethod
+    def _check_saturation(cls, v: list[float]) -> list[float]:
+        for t in v:
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"each saturation threshold must lie in (0, 1), got {t}")
+        return v
+
+
+class Reference(_Strict):
+    init_loss: float | None = None
+    train: float | None = None
+    val: float | None = None
+    test: float | None = None
+    tol: float = Field(1e-4, gt=0.0)
+
+
+class ReportConfig(_Strict):
+    reference: dict[str, Reference] = Field(default_factory=dict)
+
+
+class Params(_Strict):
+    data: DataConfig
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    variants: dict[str, VariantConfig] = Field(min_length=1)
+    report: ReportConfig = ReportConfig()
+
+    @field_validator("variants")
+    @classmethod
+    def _check_names(cls, v: dict[str, VariantConfig]) -> dict[str, VariantConfig]:
+        for name in v:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise FieldError(name, f"variant name {name!r} must be letters, digits, '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _check_batchnorm_batch(self) -> Params:
+        for name, v in self.variants.items():
+            if v.batchnorm and self.train.batch_size < 2:
+                raise FieldError(
+                    "train.batch_size",
+                    f"variants.{name} uses BatchNorm, which needs train.batch_size >= 2 "
+                    f"(got {self.train.batch_size})",
+                )
+        return self

@@ -15,11 +15,11 @@ import torch
 import yaml
 from torch.testing import assert_close
 
-from benchmarks.lecture import lecture_train
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
 from charlm.model import MLP, build_mlp
+from reference.lecture import lecture_train
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 2147483647

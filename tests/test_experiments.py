@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import sweep_report as sr
 from tests.conftest import TINY, deep_update, make_repo, run
+from tools import sweep_report as sr
 
 GIT_ID = {
     "GIT_AUTHOR_NAME": "test",
@@ -260,7 +260,7 @@ def test_queued_gain_sweep_and_sweep_report(
     assert len(set(vals.values())) == 3 and all(2.0 < v < 3.5 for v in vals.values()), vals
 
     out = run(
-        ["python", "-m", "stages.sweep_report", "--out", "reports/sweep.html"],
+        ["python", "-m", "tools.sweep_report", "--out", "reports/sweep.html"],
         repo,
         env,
         timeout=STEP_LIMIT,
@@ -309,7 +309,7 @@ def test_new_variants_from_the_command_line(
     for k in ("init_loss", "train", "val", "test"):  # (dvc drops the null std of one seed)
         assert lecture_rows.metrics["out_scaled"][k] == metrics["out_scaled"][k]
     run(
-        ["python", "-m", "stages.sweep_report", "--out", "reports/sweep.html"],
+        ["python", "-m", "tools.sweep_report", "--out", "reports/sweep.html"],
         repo,
         env,
         timeout=STEP_LIMIT,

@@ -6,7 +6,7 @@ seeds diverges: a minibatch whose 4 examples share one context has zero variance
 BatchNorm divides by it; the other seed finishes) and ``allgone`` (learning rate x 1e37:
 every seed diverges).
 Every stage process of that run logs the params keys it was handed (a
-``sitecustomize`` on PYTHONPATH dumps ``stages.params.HANDED_OUT`` at exit). The
+``sitecustomize`` on PYTHONPATH dumps ``pipeline.params.HANDED_OUT`` at exit). The
 other tests start stage processes or ``dvc repro`` and interrupt them.
 """
 
@@ -32,13 +32,12 @@ from conftest import TINY, deep_update, make_repo, run, strict_json
 from test_params import covered, dvc_stages
 
 from charlm import engine
-from charlm.config import ModelConfig, TrainConfig, VariantConfig
+from charlm.config import EvaluateConfig, ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
 from charlm.model import build_mlp
-from stages.evaluate import evaluate
-from stages.params import EvaluateConfig
-from stages.split import split
-from stages.train import curve_rows, diverged_steps, train
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.split import split
+from pipeline.stages.train import curve_rows, diverged_steps, train
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +62,7 @@ SITECUSTOMIZE = """
 import atexit, json, os, sys
 
 def _dump():
-    module = sys.modules.get("stages.params")
+    module = sys.modules.get("pipeline.params")
     if module is not None and os.environ.get("DVC_STAGE"):
         with open(os.environ["CHARLM_KEYS_LOG"], "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": os.environ["DVC_STAGE"],
@@ -241,7 +240,13 @@ def test_each_stage_reads_only_the_params_it_declares(pipeline):
 
 
 def stage(root: Path, module: str, *args: str, params: Path | None = None):
-    cmd = [sys.executable, "-m", f"stages.{module}", "--params", str(params or "params.yaml")]
+    cmd = [
+        sys.executable,
+        "-m",
+        f"pipeline.stages.{module}",
+        "--params",
+        str(params or "params.yaml"),
+    ]
     return run([*cmd, *args], cwd=root, env={"OMP_NUM_THREADS": "1"})
 
 
@@ -389,9 +394,9 @@ def test_train_interrupted_exits_at_once_without_output(pipeline, tmp_path, sig)
     params = tmp_path / "long.yaml"
     params.write_text(yaml.safe_dump(p), encoding="utf-8")
     out = tmp_path / "out"
-    proc = Proc([sys.executable, "-m", "stages.train", "--params", str(params), "--variant",
-                 "kaiming", "--data", "data/processed", "--out", str(out / "models" / "kaiming"),
-                 "--curve", str(out / "curves" / "kaiming.csv")], cwd=pipeline.root)  # fmt: skip
+    proc = Proc([sys.executable, "-m", "pipeline.stages.train", "--params", str(params),
+                 "--variant", "kaiming", "--data", "data/processed",
+                 "--out", str(out / "models" / "kaiming"), "--curve", str(out / "curves" / "kaiming.csv")], cwd=pipeline.root)  # fmt: skip
     proc.wait_for(lambda: b"train@kaiming" in proc.out)  # the progress bar: training started
     time.sleep(0.5)
     stop_cleanly(proc, sig, out)
@@ -408,7 +413,7 @@ def test_train_killed_outright_then_rerun_to_success(pipeline, tmp_path):
     out = tmp_path / "models" / "kaiming"
     args = ["--variant", "kaiming", "--data", "data/processed", "--out", str(out),
             "--curve", str(tmp_path / "kaiming.csv")]  # fmt: skip
-    proc = Proc([sys.executable, "-m", "stages.train", "--params", str(long), *args],
+    proc = Proc([sys.executable, "-m", "pipeline.stages.train", "--params", str(long), *args],
                 cwd=pipeline.root)  # fmt: skip
     proc.wait_for(lambda: b"train@kaiming" in proc.out)
     time.sleep(0.5)
@@ -466,7 +471,7 @@ def test_stage_interrupted_while_publishing_leaves_nothing(pipeline, tmp_path, m
     }[module]
     record = out / "runs" / f"{module}.json"
     env = {**pipeline.env, "PYTHONPATH": str(site), "CHARLM_STALL_AT": str(out)}
-    proc = Proc([sys.executable, "-m", f"stages.{module}", *args, "--record", str(record)],
+    proc = Proc([sys.executable, "-m", f"pipeline.stages.{module}", *args, "--record", str(record)],
                 cwd=pipeline.root, env=env)  # fmt: skip
     proc.wait_for(lambda: b"stalled before publishing" in proc.out)
     stop_cleanly(proc, sig, out)
@@ -474,7 +479,7 @@ def test_stage_interrupted_while_publishing_leaves_nothing(pipeline, tmp_path, m
 
 def test_report_interrupted_stops_its_kernel(pipeline, tmp_path):
     out = tmp_path / "out"
-    proc = Proc([sys.executable, "-m", "stages.report", "--eval", "data/eval", "--data",
+    proc = Proc([sys.executable, "-m", "pipeline.stages.report", "--eval", "data/eval", "--data",
                  "data/processed", "--metrics", str(out / "metrics.json"), "--notebook",
                  str(out / "report.ipynb"), "--html", str(out / "report.html")],
                 cwd=pipeline.root)  # fmt: skip

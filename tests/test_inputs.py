@@ -20,13 +20,12 @@ import torch
 import yaml
 from conftest import NAMES_SHA256, ROOT, run
 
-from charlm.config import ModelConfig, TrainConfig, VariantConfig
+from charlm.config import EvaluateConfig, ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, parse_names
-from stages.download import download
-from stages.evaluate import evaluate
-from stages.params import EvaluateConfig
-from stages.split import split
-from stages.train import train
+from pipeline.stages.download import download
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.split import split
+from pipeline.stages.train import train
 
 SHA_OF_NOTHING = hashlib.sha256(b"").hexdigest()
 
@@ -226,7 +225,8 @@ def test_mirror_with_its_checksum_is_copied_byte_for_byte(tmp_path: Path, as_uri
 
 
 def _stage(tmp_path: Path, module: str, *args: str, env: dict | None = None):
-    return run([sys.executable, "-m", f"stages.{module}", "--params", "params.yaml", *args],
+    cmd = [sys.executable, "-m", f"pipeline.stages.{module}", "--params", "params.yaml"]
+    return run([*cmd, *args],
                cwd=tmp_path, env={"PYTHONPATH": str(ROOT), **(env or {})}, check=False)  # fmt: skip
 
 

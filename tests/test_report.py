@@ -22,8 +22,10 @@ import torch
 from conftest import TINY, deep_update, make_repo, run, strict_json
 
 from charlm.diagnostics import activation_summary
-from stages import io, report, report_stats
-from stages.evaluate import summarise
+from pipeline import outputs
+from pipeline.stages import report
+from pipeline.stages.evaluate import summarise
+from reporting import stats as report_stats
 
 SECTIONS = (
     "This run", "Split losses beside the published numbers", "Across seeds",
@@ -180,7 +182,7 @@ def render_cli(root: Path, eval_dir: Path, out: Path, check: bool = True):
         [
             sys.executable,
             "-m",
-            "stages.report",
+            "pipeline.stages.report",
             "--eval",
             str(eval_dir),
             "--data",
@@ -297,10 +299,10 @@ def make_degenerate(src: Path, dst: Path) -> None:
         m["canonical"][k] = None
         m["mean"][k], m["std"][k] = summarise(m["per_seed"][k])
     m["share_samples_in_train"][0] = None
-    (dst / "batchnorm" / "metrics.json").write_text(io.dumps_json(m), encoding="utf-8")
+    (dst / "batchnorm" / "metrics.json").write_text(outputs.dumps_json(m), encoding="utf-8")
     s = json.loads((dst / "batchnorm" / "samples.json").read_text(encoding="utf-8"))
     s["share_in_train"][0] = None
-    (dst / "batchnorm" / "samples.json").write_text(io.dumps_json(s), encoding="utf-8")
+    (dst / "batchnorm" / "samples.json").write_text(outputs.dumps_json(s), encoding="utf-8")
     path = dst / "batchnorm" / "diagnostics.pt"
     d = torch.load(path)
     d["diverged_at"][0] = 150

@@ -4,7 +4,7 @@ Reads ``dvc exp show --json`` run in the current repository (or a saved copy, ``
 writes ``--out``: one self-contained HTML page (PNG figures embedded, nothing fetched) with
 the val loss (mean ± std over seeds) against each swept parameter, per variant, the
 baseline commit's value marked, and a table of every experiment. Not a DVC stage.
-Run: python -m stages.sweep_report --out reports/sweep.html   (or: make sweep-report)
+Run: python -m tools.sweep_report --out reports/sweep.html   (or: make sweep-report)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pandas as pd
 import seaborn as sns
 
 from charlm.config import NONLINEARITIES, VariantConfig
-from stages import io
+from pipeline import outputs
 
 PARAMS_FILE = "params.yaml"
 METRICS_FILE = "reports/metrics.json"
@@ -421,7 +421,7 @@ def exp_show(extra: list[str]) -> list[dict]:
 def sweep_report(doc: list[dict], out: Path, metric: str = "val") -> list[Run]:
     """Do the work; returns the parsed runs."""
     runs = parse_exp_show(doc)
-    io.write_text(out, render(runs, metric))
+    outputs.write_text(out, render(runs, metric))
     return runs
 
 
@@ -449,4 +449,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    io.run(main)
+    outputs.run(main)

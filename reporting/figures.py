@@ -21,7 +21,7 @@ import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 
-from stages.report_stats import SPLITS, Inputs, first_good_seed, fmt, fmt_mean_std
+from reporting.stats import SPLITS, Inputs, first_good_seed, fmt, fmt_mean_std
 
 
 @dataclass(frozen=True)

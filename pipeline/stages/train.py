@@ -4,8 +4,9 @@ Reads params model, train and variants.<variant>, and the split in ``--data``; w
 to ``--out`` (a directory): model.pt (final and initial state with the config and
 vocabulary they were built from), history.pt (per-step loss (steps, S), update:data
 ratios), train.json (divergence); and ``--curve``, the loss curve CSV (a DVC plot).
-Run: python -m stages.train --variant kaiming --data data/processed --out data/models/kaiming \
-    --curve reports/curves/kaiming.csv --record data/runs/train@kaiming.json
+Run: python -m pipeline.stages.train --variant kaiming --data data/processed \
+    --out data/models/kaiming --curve reports/curves/kaiming.csv \
+    --record data/runs/train@kaiming.json
 The run record (``--record``) holds the wall time, device, microseconds per
 model-step, revision and versions: nothing in ``--out`` varies from run to run.
 """
@@ -24,9 +25,7 @@ from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.diagnostics import loss_curve
 from charlm.model import build_mlp
-from stages import io, params, provenance
-
-PARAMS = ["model", "train", "variants.{variant}"]
+from pipeline import outputs, params, records
 
 
 def curve_rows(loss: torch.Tensor, window: int) -> list[str]:
@@ -115,11 +114,11 @@ def train(
         "update_ratio": result.update_ratio,
     }
     rows = curve_rows(result.loss, train_cfg.record_every)
-    with io.atomic_path(out) as tmp, io.atomic_path(curve) as curve_tmp:
+    with outputs.atomic_path(out) as tmp, outputs.atomic_path(curve) as curve_tmp:
         tmp.mkdir()
         torch.save(checkpoint, tmp / "model.pt")
         torch.save(history, tmp / "history.pt")
-        (tmp / "train.json").write_text(io.dumps_json(summary), encoding="utf-8")
+        (tmp / "train.json").write_text(outputs.dumps_json(summary), encoding="utf-8")
         curve_tmp.write_text("step,log10_loss\n" + "\n".join(rows) + "\n", encoding="utf-8")
     timing = {
         "device": str(device),
@@ -136,14 +135,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--curve", type=Path, required=True)
-    provenance.add_record_argument(parser)
+    records.add_record_argument(parser)
     args = parser.parse_args()
-    keys = [k.format(variant=args.variant) for k in PARAMS]
+    keys = params.stage_keys("train", args.variant)
     p = params.load(args.params, keys)
     _, timing = train(
         args.variant, args.data, args.out, args.curve, p["model"], p["train"], p[keys[2]]
     )
-    provenance.write_record(args.record, **timing)
+    records.write_record(args.record, **timing)
     print(
         f"wrote {args.out}: training loop {timing['train_loop_seconds']:.1f} s "
         f"({timing['us_per_model_step']:.1f} us per model-step on {timing['device']})"
@@ -151,4 +150,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    io.run(main)
+    outputs.run(main)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages import io
+from pipeline import outputs
 
 # Files a pipeline run itself rewrites; their changes do not make the code "dirty".
 RUN_OUTPUTS = (":(exclude)dvc.lock", ":(exclude)reports")
@@ -94,7 +94,7 @@ def write_record(path: Path | None, **extra: Any) -> None:
     seconds = time.time() - psutil.Process().create_time()
     path = Path(path)
     record = {"stage": path.stem, "seconds": round(seconds, 3), **extra, **describe()}
-    io.write_json(path, record)
+    outputs.write_json(path, record)
 
 
 def add_record_argument(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 Reads the names file and params split.*; writes to ``--out`` (a directory):
 {train,val,test}.pt (X int64 (N, block_size), Y int64 (N,)), vocab.json, words.json, counts.json.
 With ``--record``, also the stage's run record (wall time, revision, versions).
-Run: python -m stages.split --names data/raw/names.txt --out data/processed \
+Run: python -m pipeline.stages.split --names data/raw/names.txt --out data/processed \
     --record data/runs/split.json
 """
 
@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
-from stages import io, params, provenance
+from pipeline import outputs, params, records
 
-PARAMS = ["split"]
 SPLITS = ("train", "val", "test")
 
 
@@ -43,7 +42,7 @@ def split(
         "windows": {},
         "first_shuffled": parts["train"][:5],
     }
-    with io.atomic_path(out) as tmp:
+    with outputs.atomic_path(out) as tmp:
         tmp.mkdir()
         for name, part in parts.items():
             X, Y = build_windows(part, vocab, block_size)
@@ -54,7 +53,7 @@ def split(
         (tmp / "words.json").write_text(
             json.dumps(parts, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        (tmp / "counts.json").write_text(io.dumps_json(counts), encoding="utf-8")
+        (tmp / "counts.json").write_text(outputs.dumps_json(counts), encoding="utf-8")
     return counts
 
 
@@ -63,13 +62,13 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--names", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    provenance.add_record_argument(parser)
+    records.add_record_argument(parser)
     args = parser.parse_args()
-    cfg = params.load(args.params, PARAMS)["split"]
+    cfg = params.load(args.params, params.stage_keys("split"))["split"]
     counts = split(args.names, args.out, **cfg.model_dump())
-    provenance.write_record(args.record)
+    records.write_record(args.record)
     print(f"wrote {args.out}: {counts['names']} names, windows {counts['windows']}")
 
 
 if __name__ == "__main__":
-    io.run(main)
+    outputs.run(main)

@@ -4,7 +4,7 @@ Reads params data.url and data.sha256; writes the verified bytes to ``--out``.
 When the environment variable NAMES_MIRROR (a local path or file:// URL) is set, it
 is used instead of data.url, and a missing mirror is an error (no silent fallback).
 With ``--record``, also the stage's run record (wall time, revision, source used).
-Run: python -m stages.download --out data/raw/names.txt --record data/runs/download.json
+Run: python -m pipeline.stages.download --out data/raw/names.txt --record data/runs/download.json
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from stages import io, params, provenance
+from pipeline import outputs, params, records
 
-PARAMS = ["data.url", "data.sha256"]
 MIRROR_VAR = "NAMES_MIRROR"
 TIMEOUT = 30  # seconds
 
@@ -73,7 +72,7 @@ def download(url: str, sha256: str, out: Path, mirror: str | None = None) -> str
             f"got {got} ({len(data)} bytes). If this is the file you want, set data.sha256 "
             "to the second hash."
         )
-    with io.atomic_path(out) as tmp:
+    with outputs.atomic_path(out) as tmp:
         tmp.write_bytes(data)
     return source
 
@@ -82,14 +81,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", type=Path, required=True)
-    provenance.add_record_argument(parser)
+    records.add_record_argument(parser)
     args = parser.parse_args()
-    p = params.load(args.params, PARAMS)
+    p = params.load(args.params, params.stage_keys("download"))
     mirror = os.environ.get(MIRROR_VAR) or None
     source = download(p["data.url"], p["data.sha256"], args.out, mirror)
-    provenance.write_record(args.record, source=source)
+    records.write_record(args.record, source=source)
     print(f"wrote {args.out} from {source}")
 
 
 if __name__ == "__main__":
-    io.run(main)
+    outputs.run(main)

@@ -1,6 +1,6 @@
 """Numbers and sentences of the report: seed statistics, paired comparisons, summaries.
 
-Used by stages/report_template.ipynb; pure functions of what the evaluate stage wrote
+Used by reporting/template.ipynb; pure functions of what the evaluate stage wrote
 (no plotting, no file access except ``load``), so every sentence in the report is
 generated from the numbers and can be tested here. Missing values (``None``, NaN,
 infinity: a diverged seed) are skipped everywhere and counted.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from stages.evaluate import DIAGNOSTICS_FORMAT
+from pipeline.stages.evaluate import DIAGNOSTICS_FORMAT
 
 SPLITS = ("train", "val", "test")
 LEVEL = 0.95  # confidence level of the paired intervals

@@ -3,7 +3,7 @@
 Reads params evaluate.*, ``--data`` (the split) and ``--model`` (train's directory);
 writes to ``--out`` (a directory): metrics.json (per-seed and summary split losses),
 diagnostics.pt (activations, gradients, BatchNorm statistics) and samples.json.
-Run: python -m stages.evaluate --data data/processed --model data/models/kaiming \
+Run: python -m pipeline.stages.evaluate --data data/processed --model data/models/kaiming \
     --out data/eval/kaiming --record data/runs/evaluate@kaiming.json
 """
 
@@ -18,14 +18,12 @@ from pathlib import Path
 import torch
 
 from charlm import diagnostics as diag
-from charlm.config import ModelConfig, VariantConfig
+from charlm.config import EvaluateConfig, ModelConfig, VariantConfig
 from charlm.data import Vocabulary
 from charlm.evaluate import sample, split_loss
 from charlm.model import MLP
-from stages import io, params, provenance
-from stages.params import EvaluateConfig
+from pipeline import outputs, params, records
 
-PARAMS = ["evaluate"]
 DIAGNOSTICS_FORMAT = 3  # the layout of diagnostics.pt; the report refuses other versions
 SPLITS = ("train", "val", "test")
 
@@ -170,11 +168,11 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
     }
     for k in ("train", "val", "test", "init_loss"):
         metrics["mean"][k], metrics["std"][k] = summarise(per_seed[k])
-    with io.atomic_path(out) as tmp:
+    with outputs.atomic_path(out) as tmp:
         tmp.mkdir()
-        (tmp / "metrics.json").write_text(io.dumps_json(metrics), encoding="utf-8")
+        (tmp / "metrics.json").write_text(outputs.dumps_json(metrics), encoding="utf-8")
         (tmp / "samples.json").write_text(
-            io.dumps_json({"seeds": seeds, "samples": shown, "share_in_train": in_train}),
+            outputs.dumps_json({"seeds": seeds, "samples": shown, "share_in_train": in_train}),
             encoding="utf-8",
         )
         torch.save(diagnostics, tmp / "diagnostics.pt")
@@ -187,11 +185,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    provenance.add_record_argument(parser)
+    records.add_record_argument(parser)
     args = parser.parse_args()
-    cfg = params.load(args.params, PARAMS)["evaluate"]
+    cfg = params.load(args.params, params.stage_keys("evaluate"))["evaluate"]
     m = evaluate(args.data, args.model, args.out, cfg)
-    provenance.write_record(args.record)
+    records.write_record(args.record)
     c = {k: "diverged" if v is None else f"{v:.4f}" for k, v in m["canonical"].items()}
     print(
         f"wrote {args.out}: canonical seed train {c['train']} val {c['val']} "
@@ -200,4 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    io.run(main)
+    outputs.run(main)

@@ -6,7 +6,7 @@ stages' run records: wall times, revision, versions); writes
 ``--metrics`` (reports/metrics.json, the DVC metrics), ``--notebook`` (the executed
 notebook) and ``--html`` (the report: code hidden, figures embedded as PNG, no script
 or font fetched from the network, byte-identical when rerun on the same inputs).
-Run: python -m stages.report --eval data/eval --data data/processed --runs data/runs \
+Run: python -m pipeline.stages.report --eval data/eval --data data/processed --runs data/runs \
     --metrics reports/metrics.json --notebook reports/report.ipynb --html reports/report.html
 """
 
@@ -22,11 +22,10 @@ import papermill
 from jinja2 import DictLoader
 from nbconvert import HTMLExporter
 
-from stages import io, params
+from pipeline import outputs, params
 
-PARAMS = ["data", "split", "model", "train", "evaluate", "variants", "report"]
-ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = Path(__file__).with_name("report_template.ipynb")
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "reporting" / "template.ipynb"
 START_TIMEOUT = 120  # seconds for the kernel to start
 CELL_TIMEOUT = 600  # seconds per cell
 
@@ -122,7 +121,7 @@ def render(notebook_in: Path, notebook_out: Path, html_out: Path, parameters: di
     """Execute ``notebook_in`` with papermill and export it to HTML without code.
 
     The kernel runs in the current directory with this repository importable
-    (``stages.report_stats``/``report_figures``). Both outputs are written atomically.
+    (``reporting.stats``/``reporting.figures``). Both outputs are written atomically.
 
     Raises:
         ReportError: a cell raised or exceeded CELL_TIMEOUT, or the kernel did not
@@ -131,7 +130,7 @@ def render(notebook_in: Path, notebook_out: Path, html_out: Path, parameters: di
     path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
     try:
-        with io.atomic_path(notebook_out) as nb_tmp, io.atomic_path(html_out) as html_tmp:
+        with outputs.atomic_path(notebook_out) as nb_tmp, outputs.atomic_path(html_out) as html_tmp:
             try:
                 papermill.execute_notebook(
                     str(notebook_in),
@@ -185,7 +184,7 @@ def report(
             "variants": variants,
         },
     )
-    io.write_json(metrics, summary)
+    outputs.write_json(metrics, summary)
     return summary
 
 
@@ -196,7 +195,7 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=Path, required=True)
     parser.add_argument("--runs", type=Path, help="the stages' run records (data/runs)")
     args = parser.parse_args()
-    p = params.load(args.params, PARAMS)
+    p = params.load(args.params, params.stage_keys("report"))
     variants = list(p["variants"])
     report(
         args.params,
@@ -212,4 +211,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    io.run(main)
+    outputs.run(main)

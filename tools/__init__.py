@@ -1,0 +1,1 @@
+"""Tools that are not pipeline stages (run by hand or by make)."""
