@@ -32,6 +32,7 @@ from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from IPython.core.inputtransformer2 import TransformerManager
 
+from charlm.cpus import available_cpus
 from pipeline.stages import report
 
 # Stages that execute a notebook besides their module: module -> the notebook.
@@ -175,6 +176,9 @@ def test_editing_an_imported_module_makes_dvc_status_list_the_stage(tmp_path, re
     root = make_repo(tmp_path / "repo", TINY)
     run(["dvc", "repro", "evaluate@naive"], cwd=root, env=repo_env)
     ran = ("download", "split", "train@naive", "evaluate@naive")
+    # the run record names the worker threads train used (charlm.cpus, issue 11 item 7)
+    record = json.loads((root / "data" / "runs" / "train@naive.json").read_text())
+    assert record["workers"] == available_cpus(), record
 
     def changed() -> set[str]:
         proc = run(["dvc", "status", "--json", *ran], cwd=root, env=repo_env)
