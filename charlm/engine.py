@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 import torch
 
 from charlm.config import TrainConfig
+from charlm.cpus import available_cpus
 from charlm.model import MLP
 
 CHUNK = 1000  # steps of minibatch indices drawn at once per generator
@@ -487,7 +488,7 @@ def train(
         lr_scale: multiplies the schedule (a variant's ``lr_scale``).
         progress: called as ``progress(steps_done, last_loss)`` after each chunk.
         workers: CPU threads, each training its own groups of seeds with single-threaded
-            ops (see the module docstring); default ``torch.get_num_threads()``. While
+            ops (see the module docstring); default ``charlm.cpus.available_cpus()``. While
             training on the CPU, torch's intra-op thread count is set to 1 and then
             restored. Ignored on CUDA (one group, one thread).
 
@@ -505,7 +506,7 @@ def train(
         raise ValueError("BatchNorm needs batch_size >= 2 (the unbiased std divides by B - 1)")
     device = model.C.device
     cpu = device.type == "cpu"
-    workers = (workers or torch.get_num_threads()) if cpu else 1
+    workers = (workers or available_cpus()) if cpu else 1
     X, Y = X.to(device), Y.to(device)
     losses = torch.empty(cfg.max_steps, S, device=device)
     record_steps = list(range(0, cfg.max_steps, cfg.record_every))

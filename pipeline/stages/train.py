@@ -7,8 +7,8 @@ ratios), train.json (divergence); and ``--curve``, the loss curve CSV (a DVC plo
 Run: python -m pipeline.stages.train --variant kaiming --data data/processed \
     --out data/models/kaiming --curve reports/curves/kaiming.csv \
     --record data/runs/train@kaiming.json
-The run record (``--record``) holds the wall time, device, microseconds per
-model-step, revision and versions: nothing in ``--out`` varies from run to run.
+The run record (``--record``) holds the wall time, device, worker threads, microseconds
+per model-step, revision and versions: nothing in ``--out`` varies from run to run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
+from charlm.cpus import available_cpus
 from charlm.diagnostics import loss_curve
 from charlm.model import build_mlp
 from pipeline import outputs, params, records
@@ -65,7 +66,8 @@ def train(
     variant_cfg: VariantConfig,
 ) -> tuple[dict, dict]:
     """Do the work; returns the summary written to train.json, and the timing of the
-    training loop (device, seconds, microseconds per model-step) for the run record."""
+    training loop (device, worker threads, seconds, microseconds per model-step) for the
+    run record."""
     vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))
     counts = json.loads((data / "counts.json").read_text(encoding="utf-8"))
     split = torch.load(data / "train.pt")
@@ -88,8 +90,17 @@ def train(
         bar.update(done - bar.n)
         bar.set_postfix(loss=f"{float(loss[0]):.4f}", refresh=False)
 
+    # the outputs are bitwise the same whatever the worker count (tests/test_engine_batch.py)
+    workers = available_cpus() if device.type == "cpu" else 1
     result = engine.train(
-        model, split["X"], split["Y"], generators, train_cfg, variant_cfg.lr_scale, progress
+        model,
+        split["X"],
+        split["Y"],
+        generators,
+        train_cfg,
+        variant_cfg.lr_scale,
+        progress,
+        workers=workers,
     )
     bar.close()
     summary = {
@@ -122,6 +133,7 @@ def train(
         curve_tmp.write_text("step,log10_loss\n" + "\n".join(rows) + "\n", encoding="utf-8")
     timing = {
         "device": str(device),
+        "workers": workers,
         "train_loop_seconds": round(result.seconds, 3),
         "us_per_model_step": round(result.seconds / train_cfg.max_steps / len(generators) * 1e6, 3),
     }
