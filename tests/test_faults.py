@@ -396,7 +396,8 @@ def test_train_interrupted_exits_at_once_without_output(pipeline, tmp_path, sig)
     out = tmp_path / "out"
     proc = Proc([sys.executable, "-m", "pipeline.stages.train", "--params", str(params),
                  "--variant", "kaiming", "--data", "data/processed",
-                 "--out", str(out / "models" / "kaiming"), "--curve", str(out / "curves" / "kaiming.csv")], cwd=pipeline.root)  # fmt: skip
+                 "--out", str(out / "models" / "kaiming"),
+                 "--curve", str(out / "curves" / "kaiming.csv")], cwd=pipeline.root)  # fmt: skip
     proc.wait_for(lambda: b"train@kaiming" in proc.out)  # the progress bar: training started
     time.sleep(0.5)
     stop_cleanly(proc, sig, out)
