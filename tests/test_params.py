@@ -299,10 +299,21 @@ def test_a_deleted_line_is_an_error_not_a_silent_default(tmp_path):
     assert f"{path}: missing section 'evaluate' (keys: probe_seed, probe_size," in msg, msg
 
 
-def test_duplicate_key(tmp_path):
-    path, first = edit(tmp_path, "train.lr", "lr: 0.1\nlr: 0.2")
+@pytest.mark.parametrize(("key", "new", "dotted", "below"), [
+    ("train.lr", "lr: 0.1\nlr: 0.2", "train.lr", 1),
+    ("report.reference.naive", "naive: {init_loss: 1, tol: 0.1, init_loss: 2}",
+     "report.reference.naive.init_loss", 0),
+])  # fmt: skip
+def test_duplicate_key(tmp_path, key, new, dotted, below):
+    """ruamel's DuplicateKeyError, named with the file, line and dotted key; DVC refuses
+    the same file (dvc.lock and `dvc params diff` could not read it)."""
+    from dvc.utils.serialize import YAMLFileCorruptedError
+
+    path, first = edit(tmp_path, key, new)
     msg = error_of(path)
-    assert f"{path}:{first + 1}: duplicate key 'train.lr' (first at line {first})" in msg
+    assert f"{path}:{first + below}: duplicate key {dotted!r} (first at line {first})" in msg
+    with pytest.raises(YAMLFileCorruptedError):
+        dvc_reads(path, key)
 
 
 def test_yaml_syntax_error(tmp_path):
