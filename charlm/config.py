@@ -10,6 +10,7 @@ change, so that the error can point at its line in params.yaml.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Literal
@@ -29,11 +30,13 @@ MOMENTUM_WARN = 0.5
 
 
 class FieldError(ValueError):
-    """A failed check that belongs to one field (``key``, dotted, relative to the model)."""
+    """A failed check that belongs to one field (``key``, dotted, relative to the model;
+    a tuple of keys when one holds a '.', as a mapping's entry name may)."""
 
-    def __init__(self, key: str, message: str):
+    def __init__(self, key: str | tuple[str, ...], message: str):
         super().__init__(message)
         self.key = key
+        self.loc = tuple(key.split(".")) if isinstance(key, str) else key
 
 
 class _Strict(BaseModel):
@@ -241,6 +244,47 @@ class ReportConfig(_Strict):
     reference: dict[str, Reference] = Field(default_factory=dict)
 
 
+@functools.cache
+def _override_parser():  # hydra is imported when a params file is checked
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def unaddressable(name: str) -> str | None:
+    """Why ``dvc exp run -S variants.<name>.gain=...`` cannot address the variant
+    ``name``, or None when it can.
+
+    DVC parses ``-S`` with Hydra's override grammar (hydra/grammar/OverrideLexer.g4):
+    a key is '.'-separated segments, each a letter, '_' or '$' then letters, digits,
+    '_', '-' or '$', or an integer without leading zeros. The name is tried with
+    Hydra's own parser, so the rule cannot drift from what DVC accepts. '$' is refused
+    as well: dvc.yaml pastes the name into each stage's shell command (``${key}``).
+    """
+    from hydra.errors import HydraException
+
+    key = f"variants.{name}.gain"
+    try:
+        parsed = _override_parser().parse_override(f"{key}=1.0")
+    except HydraException as e:
+        why = str(e)
+    else:
+        segments = parsed.key_or_group.split(".")
+        if segments == ["variants", name, "gain"] and parsed.package is None:
+            if "$" not in name:
+                return None
+            return (
+                f"variant name {name!r} contains '$', which the shell would expand in the "
+                "stages' commands (dvc.yaml passes --variant ${key})"
+            )
+        why = f"it reads the key segments {segments} and the package {parsed.package!r}"
+    return (
+        f"variant name {name!r} cannot be addressed by `dvc exp run -S {key}=...` (Hydra's "
+        f"override grammar: {why}); use letters, digits, '_' and '-', starting with a letter "
+        "or '_'"
+    )
+
+
 class Params(_Strict):
     data: DataConfig
     split: SplitConfig = SplitConfig()
@@ -254,8 +298,9 @@ class Params(_Strict):
     @classmethod
     def _check_names(cls, v: dict[str, VariantConfig]) -> dict[str, VariantConfig]:
         for name in v:
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise FieldError(name, f"variant name {name!r} must be letters, digits, '_' or '-'")
+            why = unaddressable(name)
+            if why:
+                raise FieldError((name,), why)
         return v
 
     @model_validator(mode="after")

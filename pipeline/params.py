@@ -6,23 +6,27 @@ in ``keys`` -- the same keys the stage declares under ``params:`` in dvc.yaml.
 Every key handed out is recorded in ``HANDED_OUT`` so a test can prove that each
 stage declares everything it reads.
 
-Numbers are read as ``dvc exp run -S`` and YAML writers write them: scientific
-notation that YAML 1.1 leaves as a string (``1e-05``, ``5e-1``, ``1e5``) is a number,
-and an integral float (``200000.0``) is accepted where an integer is expected.
-Duplicate keys, which YAML would silently resolve to the last one, are an error.
+The file is read as DVC reads it: YAML 1.2 by ruamel.yaml with the same loader as
+``dvc.utils.serialize.parse_yaml`` (which dvc.lock and ``dvc params diff`` use), so every
+scalar means one thing to DVC and to the stages (``042`` is 42, ``1e-5`` a number,
+``yes`` a string). Line numbers come from ruamel's round-trip parse of the same text,
+and a duplicate key is ruamel's error. An integral float (``200000.0``, as
+``dvc exp run -S train.max_steps=2e5`` writes it) is accepted where an integer is expected.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 import typing
 import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML, MappingNode, SequenceNode
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from charlm.config import (
     EvaluateConfig,
@@ -60,7 +64,7 @@ class ParamsWarning(UserWarning):
     """A valid setting that is almost surely not what was meant (file, line, key, why)."""
 
 
-def _where(path: Path, root: yaml.Node | None, loc: tuple[Any, ...]) -> str:
+def _where(path: Path, root: Any, loc: tuple[Any, ...]) -> str:
     """'file:line' of ``loc``, or just 'file' when the key is not in the file."""
     line = _line_of(root, loc)
     return f"{path}:{line}" if line else f"{path}"
@@ -70,50 +74,42 @@ def _invalid(lines: list[str]) -> ParamsError:
     return ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
 
 
-def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the deepest node of ``loc`` found in the YAML node tree."""
+def _line_of(root: Any, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest key of ``loc`` found in ruamel's round-trip tree."""
     node, line = root, None
     for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if k.value == str(part):
-                    line, node = k.start_mark.line + 1, v
-                    break
-            else:
-                break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if not 0 <= part < len(node.value):
-                break
-            node = node.value[part]
-            line = node.start_mark.line + 1
+        if isinstance(node, CommentedMap) and part in node:
+            line, node = node.lc.key(part)[0] + 1, node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+            line, node = node.lc.item(part)[0] + 1, node[part]
         else:
             break
     return line
 
 
-def _duplicates(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> list[tuple[int, str]]:
-    """(line, message) for every key given twice in one mapping."""
-    out = []
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for k, v in node.value:
-            key, line = str(k.value), k.start_mark.line + 1
-            dotted = ".".join((*prefix, key))
-            if key in seen:
-                out.append(
-                    (
-                        line,
-                        f"duplicate key {dotted!r} (first at line {seen[key]}); "
-                        "YAML would silently keep only the last one",
-                    )
-                )
-            else:
-                seen[key] = line
-            out += _duplicates(v, (*prefix, key))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            out += _duplicates(v, (*prefix, str(i)))
-    return out
+def _duplicate(path: Path, text: str, err: MarkedYAMLError) -> ParamsError:
+    """ruamel's DuplicateKeyError as 'file:line: duplicate key 'a.b' (first at line n)'.
+
+    ruamel marks where the second key starts; its dotted name and the first key's line
+    come from the node tree of the same text (composing does not check duplicates).
+    """
+    at = err.problem_mark.line, err.problem_mark.column
+    todo: list[tuple[tuple[str, ...], Any]] = [((), YAML().compose(text))]
+    while todo:
+        keys, node = todo.pop()
+        if isinstance(node, SequenceNode):
+            todo += [((*keys, str(i)), v) for i, v in enumerate(node.value)]
+        elif isinstance(node, MappingNode):
+            for k, v in node.value:
+                if (k.start_mark.line, k.start_mark.column) == at:
+                    first = next(f for f, _ in node.value if f.value == k.value)
+                    return _invalid([
+                        f"{path}:{at[0] + 1}: duplicate key {'.'.join((*keys, k.value))!r} "
+                        f"(first at line {first.start_mark.line + 1}); DVC refuses the file too: "
+                        "keep one of them"
+                    ])  # fmt: skip
+                todo.append(((*keys, str(k.value)), v))
+    return ParamsError(f"{path}:{at[0] + 1}: not valid YAML: {err.problem}")
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -181,32 +177,26 @@ def _describe(err: dict[str, Any], loc: tuple[Any, ...], raw: Any) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:
         return msg
+    if isinstance(value, dict) and value:  # a whole section: its key says enough
+        return f"key {key!r}: {msg}"
     return f"key {key!r} = {value!r}: {msg}"
 
 
-_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def _number(v: Any) -> Any:
-    """Numbers as ``dvc exp run -S`` and YAML writers write them, read as numbers.
-
-    Scientific notation that YAML 1.1 leaves as a string (``1e5``, ``5e-1``,
-    ``1e-05``) becomes a float, and an integral float (``2e5``, ``200000.0`` -- dvc
-    writes ``-S train.max_steps=2e5`` so) becomes an int, which a float field accepts
-    too. Applies to every value of nested dicts and lists.
-    """
+def _integral(v: Any) -> Any:
+    """An integral float (``2e5``, ``200000.0``: ``dvc exp run -S train.max_steps=2e5``
+    writes it so) as an int, which a float field accepts too; through dicts and lists."""
     if isinstance(v, dict):
-        return {k: _number(x) for k, x in v.items()}
+        return {k: _integral(x) for k, x in v.items()}
     if isinstance(v, list):
-        return [_number(x) for x in v]
-    if isinstance(v, str) and _SCI.match(v.strip()):
-        v = float(v)
+        return [_integral(x) for x in v]
     if isinstance(v, float) and v.is_integer() and abs(v) <= 2**53:
         return int(v)
     return v
 
 
-def _read(path: Path) -> tuple[Any, yaml.Node | None]:
+def _read(path: Path) -> tuple[Any, Any]:
+    """The file's values exactly as DVC reads them, and ruamel's round-trip tree of it
+    (for line numbers)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -214,21 +204,19 @@ def _read(path: Path) -> tuple[Any, yaml.Node | None]:
     except UnicodeDecodeError as e:
         raise ParamsError(f"{path}: not UTF-8 text ({e.reason})") from None
     try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
+        root = YAML(typ="rt").load(text)
+        raw = YAML(typ="safe").load(text)  # dvc.utils.serialize.parse_yaml's loader
+    except DuplicateKeyError as e:
+        raise _duplicate(path, text, e) from None
+    except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else f"{path}"
         raise ParamsError(f"{where}: not valid YAML: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
+    except YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
-    dups = _duplicates(root)
-    if dups:
-        raise _invalid([f"{path}:{line}: {msg}" for line, msg in dups])
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    # data holds strings only (a sha256 of digits and one 'e' must stay a string)
-    return {k: v if k == "data" else _number(v) for k, v in raw.items()}, root
+    return raw, root
 
 
 # Sections whose every key params.yaml must spell out, although the library's
@@ -241,7 +229,7 @@ SPELLED_OUT: dict[str, type[BaseModel]] = {
 }
 
 
-def _missing(path: Path, raw: Any, root: yaml.Node | None) -> list[str]:
+def _missing(path: Path, raw: Any, root: Any) -> list[str]:
     """'file:line: missing ...' for each section of SPELLED_OUT or key in it that the
     file leaves out (a section of the wrong type is left to the schema's error)."""
     if not isinstance(raw, dict):
@@ -273,17 +261,17 @@ def _missing(path: Path, raw: Any, root: yaml.Node | None) -> list[str]:
 def _check(path: str | Path) -> tuple[Params, list[tuple[str, str]]]:
     """Validate; return the params and the advice as (dotted key, 'file:line: ...')."""
     path = Path(path)
-    raw, root = _read(path)
+    raw, root = _read(path)  # messages quote the values as DVC reads them
     missing = _missing(path, raw, root)
     try:
-        params = Params.model_validate(raw)
+        params = Params.model_validate(_integral(raw))
     except ValidationError as e:
         lines = list(missing)
         for err in e.errors():
             loc = tuple(err["loc"])
             cause = (err.get("ctx") or {}).get("error")
             if isinstance(cause, FieldError):  # a check across fields names its field
-                loc = (*loc, *cause.key.split("."))
+                loc = (*loc, *cause.loc)
             lines.append(f"{_where(path, root, loc)}: {_describe(err, loc, raw)}")
         raise _invalid(lines) from None
     if missing:
