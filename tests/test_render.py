@@ -141,6 +141,9 @@ def test_hostile_python3_kernelspec_is_ignored(
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
     monkeypatch.setenv(where, str(tmp_path / "jupyter"))
+    # in a virtualenv jupyter_core prefers the env's kernelspecs to the user's; outside
+    # one (or with this set) a user-level kernelspec wins
+    monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "0")
     got = render_to(notebook, tmp_path / "out")
     assert f"python: {sys.executable}\n" in printed(got[0])
     assert "hostile: None\n" in printed(got[0])
@@ -189,9 +192,11 @@ def test_render_ignores_an_unwritable_matplotlib_dir_and_home(
 ):
     """The notebook holds no temporary path and keeps the reference's bytes; the font
     cache that the first render built in KERNEL_HOME is reused, not rebuilt."""
-    caches = sorted((kernel_home / "matplotlib").glob("fontlist-*.json"))
-    assert caches, "the first render built no font cache in KERNEL_HOME"
-    built = {p: p.stat().st_mtime_ns for p in caches}
+
+    def font_caches() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in (kernel_home / "matplotlib").glob("fontlist-*")}
+
+    built = font_caches()
     if setting == "MPLCONFIGDIR=<a file>":
         (tmp_path / "mplrc-file").write_text("")
         monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mplrc-file"))
@@ -209,4 +214,21 @@ def test_render_ignores_an_unwritable_matplotlib_dir_and_home(
     text = got[0].decode()
     assert "matplotlib-" not in text and "temporary" not in text, printed(got[0])
     assert got == reference
-    assert {p: p.stat().st_mtime_ns for p in caches} == built, "font cache rebuilt"
+    assert built, "the first render built no font cache in KERNEL_HOME"
+    assert font_caches() == built, "the font cache was rebuilt"
+
+
+def test_font_cache_is_built_before_the_kernel_starts(tmp_path):
+    """On a busy machine a build over 5 s would print a notice into the notebook."""
+    env = {**report.kernel_env(), "MPLCONFIGDIR": str(tmp_path)}
+    report._build_font_cache(env)
+    assert list(tmp_path.glob("fontlist-*.json"))
+
+
+def test_font_cache_failure_names_the_cause(tmp_path):
+    broken = tmp_path / "site" / "matplotlib"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('no backend here')\n")
+    env = {**report.kernel_env(), "PYTHONPATH": str(tmp_path / "site")}
+    with pytest.raises(report.ReportError, match=r"matplotlib failed to start.*no backend here"):
+        report._build_font_cache(env)

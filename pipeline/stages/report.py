@@ -134,8 +134,12 @@ def _kernel_config(private_dir: str) -> Config:
 def _build_font_cache(env: dict[str, str]) -> None:
     """Build matplotlib's font cache in the kernel's MPLCONFIGDIR if it is missing.
 
-    Outside the notebook: matplotlib announces a build on stderr, which the kernel
-    would capture into the first render's notebook only.
+    Outside the notebook: a build that takes over 5 s (a busy machine) makes matplotlib
+    announce it on stderr, which the kernel would capture into the first render's
+    notebook only. Takes about 0.5 s when the cache exists.
+
+    Raises:
+        ReportError: matplotlib cannot be imported with ``env``.
     """
     proc = subprocess.run(
         [sys.executable, "-c", "import matplotlib.font_manager"],
