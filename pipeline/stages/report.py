@@ -5,7 +5,9 @@ variant, written by the evaluate stage), ``--data`` (counts.json) and ``--runs``
 stages' run records: wall times, revision, versions); writes
 ``--metrics`` (reports/metrics.json, the DVC metrics), ``--notebook`` (the executed
 notebook) and ``--html`` (the report: code hidden, figures embedded as PNG, no script
-or font fetched from the network, byte-identical when rerun on the same inputs).
+or font fetched from the network, byte-identical when rerun on the same inputs). The
+notebook's kernel is this interpreter's, whatever kernelspecs the machine has (see
+``ReportKernelManager``).
 Run: python -m pipeline.stages.report --eval data/eval --data data/processed --runs data/runs \
     --metrics reports/metrics.json --notebook reports/report.ipynb --html reports/report.html
 """
@@ -15,12 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
 import papermill
+from ipykernel.kernelspec import RESOURCES, get_kernel_dict
 from jinja2 import DictLoader
+from jupyter_client import AsyncKernelManager
+from jupyter_client.kernelspec import (
+    NATIVE_KERNEL_NAME,
+    KernelSpec,
+    KernelSpecManager,
+    NoSuchKernel,
+)
 from nbconvert import HTMLExporter
+from traitlets import default
+from traitlets.config import Config
 
 from pipeline import outputs, params
 
@@ -28,6 +43,11 @@ ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "reporting" / "template.ipynb"
 START_TIMEOUT = 120  # seconds for the kernel to start
 CELL_TIMEOUT = 600  # seconds per cell
+# The kernel's matplotlib, IPython and Jupyter config dirs: private to this repository,
+# stable across renders, never the caller's home. DVC's scratch directory is git-ignored
+# by DVC itself (.dvc/.gitignore), is neither a dep nor an output, and is writable
+# whenever dvc can run a stage (it keeps its locks there).
+KERNEL_HOME = ROOT / ".dvc" / "tmp" / "report-kernel"
 
 # nbconvert's lab template, minus everything it would load from a CDN: require.js,
 # MathJax and mermaid.js (the report has no widgets, maths or diagrams). Its CSS is
@@ -51,6 +71,86 @@ VOLATILE = (
 
 class ReportError(ValueError):
     """The report notebook failed (a cell raised, timed out, or the kernel did not start)."""
+
+
+def kernel_env() -> dict[str, str]:
+    """Variables set for the report's kernel (on top of this process's environment).
+
+    The repository is importable (``reporting.*``) from any working directory, and the
+    kernel reads no configuration from the caller's home: a private, stable
+    ``MPLCONFIGDIR`` (no temporary cache dir named in the notebook, no font cache
+    rebuilt per render, no user matplotlibrc), ``IPYTHONDIR`` (no user startup files)
+    and ``JUPYTER_CONFIG_DIR`` (no user kernel config, e.g. another figure format).
+    """
+    path = os.environ.get("PYTHONPATH")
+    return {
+        "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else ""),
+        "MPLCONFIGDIR": str(KERNEL_HOME / "matplotlib"),
+        "IPYTHONDIR": str(KERNEL_HOME / "ipython"),
+        "JUPYTER_CONFIG_DIR": str(KERNEL_HOME / "jupyter"),
+    }
+
+
+class OwnKernelSpecManager(KernelSpecManager):
+    """One kernelspec, ``python3``: ipykernel in this interpreter (``sys.executable``).
+
+    Installed kernelspecs (user-level, ``JUPYTER_PATH``, ``JUPYTER_DATA_DIR``, system)
+    are never consulted, so another environment's ``python3`` cannot take over.
+    """
+
+    def find_kernel_specs(self) -> dict[str, str]:
+        return {NATIVE_KERNEL_NAME: RESOURCES}
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        if kernel_name != NATIVE_KERNEL_NAME:
+            raise NoSuchKernel(kernel_name)
+        # jupyter_client applies string.Template to the env values: escape any '$'
+        env = {k: v.replace("$", "$$") for k, v in kernel_env().items()}
+        return KernelSpec(resource_dir=RESOURCES, env=env, **get_kernel_dict())
+
+
+class ReportKernelManager(AsyncKernelManager):
+    """nbclient's default kernel manager, with the kernelspec of ``OwnKernelSpecManager``.
+
+    ``render`` configures it for ZMQ's ``ipc`` transport (Unix sockets in a private
+    directory): TCP ports picked by bind-and-release could be taken by a concurrent
+    render between the pick and the kernel's bind.
+    """
+
+    @default("kernel_spec_manager")
+    def _own_kernel_specs(self) -> KernelSpecManager:
+        return OwnKernelSpecManager(parent=self)
+
+
+def _kernel_config(private_dir: str) -> Config:
+    """ipc transport, connection file and sockets in ``private_dir`` (one per render)."""
+    config = Config()
+    config.ReportKernelManager.transport = "ipc"
+    config.ReportKernelManager.connection_file = os.path.join(private_dir, "kernel.json")
+    config.ReportKernelManager.ip = os.path.join(private_dir, "kernel-ipc")
+    return config
+
+
+def _build_font_cache(env: dict[str, str]) -> None:
+    """Build matplotlib's font cache in the kernel's MPLCONFIGDIR if it is missing.
+
+    Outside the notebook: a build that takes over 5 s (a busy machine) makes matplotlib
+    announce it on stderr, which the kernel would capture into the first render's
+    notebook only. Takes about 0.5 s when the cache exists.
+
+    Raises:
+        ReportError: matplotlib cannot be imported with ``env``.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", "import matplotlib.font_manager"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ReportError(f"matplotlib failed to start for the report kernel: {tail}")
 
 
 def gather(eval_dir: Path, variants: list[str]) -> dict:
@@ -120,41 +220,47 @@ def _failure(e: Exception) -> ReportError:
 def render(notebook_in: Path, notebook_out: Path, html_out: Path, parameters: dict) -> None:
     """Execute ``notebook_in`` with papermill and export it to HTML without code.
 
-    The kernel runs in the current directory with this repository importable
-    (``reporting.stats``/``reporting.figures``). Both outputs are written atomically.
+    The kernel is ``ReportKernelManager``'s: this interpreter, over Unix sockets in a
+    private temporary directory (concurrent renders share no port), with the
+    environment of ``kernel_env`` (this repository importable, so
+    ``reporting.stats``/``reporting.figures`` load from any directory; no config from
+    the caller's home). It runs in the current directory. This process's environment
+    is not modified. Both outputs are written atomically.
 
     Raises:
         ReportError: a cell raised or exceeded CELL_TIMEOUT, or the kernel did not
             start within START_TIMEOUT; neither output is written then.
     """
-    path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
-    try:
-        with outputs.atomic_path(notebook_out) as nb_tmp, outputs.atomic_path(html_out) as html_tmp:
-            try:
-                papermill.execute_notebook(
-                    str(notebook_in),
-                    str(nb_tmp),
-                    parameters=parameters,
-                    kernel_name="python3",
-                    start_timeout=START_TIMEOUT,
-                    execution_timeout=CELL_TIMEOUT,
-                    progress_bar=False,
-                    # the kernel's own log (not cell output): keep its TCP notice quiet
-                    extra_arguments=["--IPKernelApp.log_level=ERROR"],
-                    cwd=str(Path.cwd()),
-                )
-            except (papermill.PapermillExecutionError, TimeoutError, RuntimeError) as e:
-                raise _failure(e) from e
-            nb = nbformat.read(nb_tmp, as_version=4)
-            make_deterministic(nb)
-            nbformat.write(nb, nb_tmp)
-            html_tmp.write_text(to_html(nb), encoding="utf-8")
-    finally:
-        if path:
-            os.environ["PYTHONPATH"] = path
-        else:
-            os.environ.pop("PYTHONPATH", None)
+    env = kernel_env()
+    for key in ("MPLCONFIGDIR", "IPYTHONDIR", "JUPYTER_CONFIG_DIR"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    _build_font_cache(env)
+    with (
+        tempfile.TemporaryDirectory(prefix="charlm-kernel-") as private_dir,
+        outputs.atomic_path(notebook_out) as nb_tmp,
+        outputs.atomic_path(html_out) as html_tmp,
+    ):
+        try:
+            papermill.execute_notebook(
+                str(notebook_in),
+                str(nb_tmp),
+                parameters=parameters,
+                kernel_name=NATIVE_KERNEL_NAME,
+                kernel_manager_class=ReportKernelManager,
+                config=_kernel_config(private_dir),
+                start_timeout=START_TIMEOUT,
+                execution_timeout=CELL_TIMEOUT,
+                progress_bar=False,
+                # the kernel's own log (not cell output): keep its connection notice quiet
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                cwd=str(Path.cwd()),
+            )
+        except (papermill.PapermillExecutionError, TimeoutError, RuntimeError) as e:
+            raise _failure(e) from e
+        nb = nbformat.read(nb_tmp, as_version=4)
+        make_deterministic(nb)
+        nbformat.write(nb, nb_tmp)
+        html_tmp.write_text(to_html(nb), encoding="utf-8")
 
 
 def report(
