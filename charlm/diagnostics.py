@@ -12,25 +12,40 @@ import copy
 
 import torch
 
-from charlm.model import MLP, cross_entropy_per_model
-
-WEIGHTS = ("C", "W1", "W2")
+from charlm.model import MLP, BatchNorm1d, cross_entropy_per_model
 
 
-def activations(model: MLP, idx: torch.Tensor, train_mode: bool) -> dict[str, torch.Tensor]:
-    """Hidden pre-activations and tanh activations on a probe batch.
+def weight_matrices(model: MLP) -> list[str]:
+    """Names of the model's weight matrices, in ``named_parameters()`` order.
+
+    A weight matrix is a parameter that is 2-d per model, i.e. (S, rows, cols) stacked:
+    the embedding table and the Linear weights (C, W1, W2 for today's MLP), not the
+    biases nor BatchNorm's gain and bias, which are (S, n). The last one maps the last
+    hidden layer to the logits.
+    """
+    return [name for name, p in model.named_parameters() if p.dim() == 3]
+
+
+def batchnorm_layers(model: MLP) -> dict[str, BatchNorm1d]:
+    """The model's BatchNorm modules by ``named_modules()`` name (empty without any)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BatchNorm1d)}
+
+
+def activations(model: MLP, idx: torch.Tensor, train_mode: bool) -> list[dict[str, torch.Tensor]]:
+    """Hidden pre-activations and tanh activations on a probe batch, per hidden layer.
 
     Args:
         idx: int64 (S, P, T) probe contexts.
         train_mode: BatchNorm normalises with the probe's own statistics when True
             (as at the step-0 forward pass), with the running ones when False.
     Returns:
-        'hpreact' and 'h', float32 (S, P, H), on the CPU.
+        One dict per hidden layer (input side first) with 'hpreact' and 'h',
+        float32 (S, P, H), on the CPU.
     """
     m = copy.deepcopy(model).train(train_mode)
     with torch.no_grad():
         hpreact, h = m.hidden(idx)
-    return {"hpreact": hpreact.cpu(), "h": h.cpu()}
+    return [{"hpreact": hpreact.cpu(), "h": h.cpu()}]
 
 
 def activation_summary(
@@ -79,7 +94,8 @@ def initial_logits(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict
         'p_target_median' (median over the probe batch of the probability given to
         the correct character: 1/V for a uniform softmax; its mean would be no guide,
         since random logits of any scale give the correct character 1/V on average),
-        'p_max' (mean largest probability), 'h_rms', 'w2_std'.
+        'p_max' (mean largest probability), 'h_rms', 'output_weight_std'; and
+        'output_weight', the name of the matrix behind the logits (W2).
     """
     m = copy.deepcopy(model).train(True)
     S = m.n_models
@@ -88,7 +104,8 @@ def initial_logits(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict
     probs = torch.softmax(logits.double(), dim=2)
     p_target = probs.gather(2, targets.unsqueeze(2)).reshape(S, -1)  # (S, P)
     h_rms = h.double().pow(2).reshape(S, -1).mean(1).sqrt()
-    w2_std = m.W2.double().reshape(S, -1).std(1)
+    output_weight = weight_matrices(m)[-1]
+    w2_std = m.get_parameter(output_weight).double().reshape(S, -1).std(1)
     H = h.shape[2]
     return {
         "loss": cross_entropy_per_model(logits, targets).double().tolist(),
@@ -97,7 +114,8 @@ def initial_logits(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict
         "p_target_median": p_target.quantile(0.5, dim=1).tolist(),
         "p_max": probs.amax(2).mean(1).tolist(),
         "h_rms": h_rms.tolist(),
-        "w2_std": w2_std.tolist(),
+        "output_weight": output_weight,
+        "output_weight_std": w2_std.tolist(),
     }
 
 
@@ -119,12 +137,13 @@ def loss_curve(loss: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Ten
     return torch.arange(0, n, w), means
 
 
-def gradients(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+def gradients(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict:
     """Gradients of each model's loss on the probe batch, in training mode, by autograd.
 
-    Returns, on the CPU: 'dh' float32 (S, P, H), the gradient at the tanh outputs;
-    for each weight w in C, W1, W2: 'w.mean', 'w.std' and 'w.ratio' = std(grad)/std(w),
-    each float32 (S,) -- makemore part 3's gradient distribution and grad:data ratio.
+    Returns, on the CPU: 'dh', a list with one float32 (S, P, H) per hidden layer, the
+    gradient at its tanh outputs; 'weights', for each name of ``weight_matrices``,
+    'grad_mean', 'grad_std' and 'grad_data_ratio' = std(grad) / std(weight), each
+    float32 (S,) -- makemore part 3's gradient distribution and grad:data ratio.
     """
     m = copy.deepcopy(model).train(True)
     for p in m.parameters():
@@ -135,14 +154,16 @@ def gradients(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict[str,
     loss = cross_entropy_per_model(logits, targets)
     loss.sum().backward()  # models are independent: d(sum)/dp_s = dloss_s/dp_s
     S = model.n_models
-    out = {"dh": h.grad.detach().cpu()}
-    for w in WEIGHTS:
-        p = getattr(m, w)
+    weights = {}
+    for name in weight_matrices(m):
+        p = m.get_parameter(name)
         g = p.grad.reshape(S, -1)
-        out[f"{w}.mean"] = g.mean(1).cpu()
-        out[f"{w}.std"] = g.std(1).cpu()
-        out[f"{w}.ratio"] = (g.std(1) / p.detach().reshape(S, -1).std(1)).cpu()
-    return out
+        weights[name] = {
+            "grad_mean": g.mean(1).cpu(),
+            "grad_std": g.std(1).cpu(),
+            "grad_data_ratio": (g.std(1) / p.detach().reshape(S, -1).std(1)).cpu(),
+        }
+    return {"dh": [h.grad.detach().cpu()], "weights": weights}
 
 
 @torch.no_grad()

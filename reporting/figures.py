@@ -88,11 +88,11 @@ def loss_curves(inputs: Inputs) -> Drawn:
     """log10 training loss per window: canonical seed, and mean ± sd band across seeds."""
     frames, notes = [], []
     for v in inputs.variants:
-        c = inputs.diagnostics[v]["curve"]
-        y = c["log10_loss"].double().numpy()  # (W, S)
+        c = inputs.diagnostics[v].curve
+        y = c.log10_loss.double().numpy()  # (W, S)
         W, S = y.shape
         frames.append(pd.DataFrame({
-            "step": np.repeat(c["step"].numpy(), S), "seed": np.tile(np.arange(S), W),
+            "step": np.repeat(c.step.numpy(), S), "seed": np.tile(np.arange(S), W),
             "log10 loss": y.reshape(-1), "variant": v,
         }))  # fmt: skip
         if not np.isfinite(y).all():
@@ -107,7 +107,7 @@ def loss_curves(inputs: Inputs) -> Drawn:
     df = pd.concat(frames, ignore_index=True).replace([np.inf, -np.inf], np.nan).dropna()
     if df.empty:
         return None, [*notes, Note("no finite training loss in any variant.")]
-    window = inputs.diagnostics[inputs.variants[0]]["curve"]["window"]
+    window = inputs.diagnostics[inputs.variants[0]].curve.window
     marker = "o" if df["step"].nunique() < 5 else None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
     common = {"x": "step", "y": "log10 loss", "hue": "variant", "marker": marker,
@@ -190,10 +190,11 @@ def seed_points(inputs: Inputs) -> Drawn:
 # ---- activations ----------------------------------------------------------------------
 
 
-def activation_figure(inputs: Inputs, v: str) -> Drawn:
-    """Histogram of h and the saturation image, at init and after training (one seed)."""
-    d = inputs.diagnostics[v]["activations"]
-    top = max(inputs.diagnostics[v]["thresholds"])
+def activation_figure(inputs: Inputs, v: str, layer: int = 0) -> Drawn:
+    """Histogram of h and the saturation image, at init and after training (one seed),
+    of hidden layer ``layer`` (0: the first)."""
+    d = inputs.diagnostics[v].layers[layer].activations
+    top = max(inputs.diagnostics[v].thresholds)
     seed = first_good_seed(inputs, v)
     notes = []
     fig, axes = plt.subplots(
@@ -201,7 +202,7 @@ def activation_figure(inputs: Inputs, v: str) -> Drawn:
     )
     for k, when in enumerate(("init", "final")):
         s = 0 if (when == "init" or seed is None) else seed
-        h = d[when]["h"][s]  # (P, H)
+        h = d[when].h[s]  # (P, H)
         vals = _finite_np(h)
         ax_h, ax_i = axes[2 * k], axes[2 * k + 1]
         if vals.size == 0:
@@ -213,7 +214,7 @@ def activation_figure(inputs: Inputs, v: str) -> Drawn:
         sns.histplot(vals, bins=H_BINS, stat="density", ax=ax_h)
         ax_h.set_title(f"h at {when} (seed #{s})", fontsize=10)
         ax_h.set_xlim(-1, 1)
-        img = d[when]["image"][s].numpy()
+        img = d[when].image[s].numpy()
         ax_i.imshow(img, cmap="gray", interpolation="nearest", aspect="auto", vmin=0, vmax=1)
         dead = int(img.all(0).sum())
         ax_i.set_title(
@@ -230,13 +231,14 @@ def activation_figure(inputs: Inputs, v: str) -> Drawn:
 # ---- gradients ------------------------------------------------------------------------
 
 
-def gradient_hist(inputs: Inputs) -> Drawn:
-    """Histogram of dloss/dh at init on the probe batch, one panel per variant."""
+def gradient_hist(inputs: Inputs, layer: int = 0) -> Drawn:
+    """Histogram of dloss/dh at init on the probe batch, one panel per variant, at the
+    output of hidden layer ``layer`` (0: the first)."""
     vs = inputs.variants
     fig, axes = plt.subplots(1, len(vs), figsize=(4.4 * len(vs), 3.2), squeeze=False)
     notes = []
     for ax, v in zip(axes[0], vs, strict=True):
-        dh = inputs.diagnostics[v]["gradients"]["dh"][0]
+        dh = inputs.diagnostics[v].layers[layer].dh[0]
         vals = _finite_np(dh)
         if vals.size == 0:
             _blank(ax, f"{v}: no finite gradient")
@@ -259,16 +261,16 @@ def gradient_hist(inputs: Inputs) -> Drawn:
 
 
 def gradient_rows(inputs: Inputs) -> list[dict]:
-    """Per variant and weight matrix: grad mean, std and grad:data std ratio at init."""
+    """Per variant and weight matrix (the model's parameter names): grad mean, std and
+    grad:data std ratio at init."""
     rows = []
     for v in inputs.variants:
-        g = inputs.diagnostics[v]["gradients"]
-        for w in ("C", "W1", "W2"):
-            ratio = g[f"{w}.ratio"].double()
+        for w, g in inputs.diagnostics[v].weights.items():
+            ratio = g.grad_data_ratio.double()
             rows.append({
                 "variant": v, "weight": w,
-                "grad mean (seed 0)": f"{float(g[f'{w}.mean'][0]):+.3e}",
-                "grad std (seed 0)": f"{float(g[f'{w}.std'][0]):.3e}",
+                "grad mean (seed 0)": f"{float(g.grad_mean[0]):+.3e}",
+                "grad std (seed 0)": f"{float(g.grad_std[0]):.3e}",
                 "grad:data (seed 0)": fmt(float(ratio[0]), 4),
                 "grad:data over seeds": fmt_mean_std(ratio.tolist(), 4),
             })  # fmt: skip
@@ -281,11 +283,13 @@ def update_ratio_figure(inputs: Inputs) -> Drawn:
     fig, axes = plt.subplots(1, len(vs), figsize=(4.6 * len(vs), 3.4), squeeze=False)
     notes = []
     for ax, v in zip(axes[0], vs, strict=True):
-        ur = inputs.diagnostics[v]["update_ratio"]
-        steps = ur["step"].numpy()
+        d = inputs.diagnostics[v]
+        steps = d.update_steps.numpy()
         frames = []
-        for w in ("C", "W1", "W2"):
-            y = ur[w].double().numpy()  # (R, S)
+        for w, rec in d.weights.items():
+            if rec.update_ratio is None:
+                continue
+            y = rec.update_ratio.double().numpy()  # (R, S)
             S = y.shape[1]
             frames.append(
                 pd.DataFrame(
@@ -332,13 +336,18 @@ def update_ratio_figure(inputs: Inputs) -> Drawn:
 # ---- BatchNorm ------------------------------------------------------------------------
 
 
-def batchnorm_figure(inputs: Inputs, v: str) -> Drawn:
-    """Running vs calibrated per-unit mean and std (every seed), with the y = x line."""
-    bn = inputs.diagnostics[v]["batchnorm"]
+def batchnorm_figure(inputs: Inputs, v: str, layer: str | None = None) -> Drawn:
+    """Running vs calibrated per-unit mean and std (every seed), with the y = x line,
+    of the BatchNorm module named ``layer`` (default: the first)."""
+    layers = inputs.diagnostics[v].batchnorm.layers
+    name = layer if layer is not None else next(iter(layers))
+    bn = layers[name]
+    label = v if len(layers) == 1 else f"{v} ({name})"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     notes = []
     for ax, stat in zip(axes, ("mean", "std"), strict=True):
-        run, cal = bn[f"running_{stat}"].double(), bn[f"calibrated_{stat}"].double()
+        run = getattr(bn, f"running_{stat}").double()
+        cal = getattr(bn, f"calibrated_{stat}").double()
         S = run.shape[0]
         df = pd.DataFrame(
             {
@@ -350,7 +359,7 @@ def batchnorm_figure(inputs: Inputs, v: str) -> Drawn:
         df = df.replace([np.inf, -np.inf], np.nan).dropna()
         if df.empty:
             _blank(ax, f"no finite {stat}")
-            notes.append(Note(f"{v}: no finite BatchNorm {stat} (diverged)."))
+            notes.append(Note(f"{label}: no finite BatchNorm {stat} (diverged)."))
             continue
         sns.scatterplot(
             data=df, x="calibrated", y="running", hue="seed", s=12, alpha=0.7, legend=False, ax=ax
@@ -360,6 +369,6 @@ def batchnorm_figure(inputs: Inputs, v: str) -> Drawn:
             float(df[["calibrated", "running"]].max().max()),
         )
         ax.plot([lo, hi], [lo, hi], c="k", lw=1, ls=":")
-        ax.set_title(f"{v}: per-unit {stat}, running vs calibrated (all seeds)", fontsize=10)
+        ax.set_title(f"{label}: per-unit {stat}, running vs calibrated (all seeds)", fontsize=10)
     fig.tight_layout()
     return fig, notes

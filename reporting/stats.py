@@ -1,9 +1,10 @@
-"""Numbers and sentences of the report: seed statistics, paired comparisons, summaries.
+"""Numbers and sentences of the report: seed statistics, tables, summaries.
 
 Used by reporting/template.ipynb; pure functions of what the evaluate stage wrote
 (no plotting, no file access except ``load``), so every sentence in the report is
 generated from the numbers and can be tested here. Missing values (``None``, NaN,
-infinity: a diverged seed) are skipped everywhere and counted.
+infinity: a diverged seed) are skipped everywhere and counted. The paired intervals
+live in reporting/intervals.py.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline.stages.evaluate import DIAGNOSTICS_FORMAT
+from charlm.artefacts import Diagnostics, InitLoss, from_state
+from reporting.intervals import Paired, paired_difference
 
 SPLITS = ("train", "val", "test")
-LEVEL = 0.95  # confidence level of the paired intervals
+UNSEEN = ("val_unseen", "test_unseen")  # val/test windows of names absent from train
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Inputs:
     variants: list[str]
     metrics: dict[str, dict]
     samples: dict[str, dict]
-    diagnostics: dict[str, dict]
+    diagnostics: dict[str, Diagnostics]
     runs: dict[str, dict | None]  # stage name -> its run record (None: not recorded)
 
 
@@ -49,7 +51,8 @@ def load(
     and the run records of the stages (``runs_dir``/<stage>.json, None if absent).
 
     Raises:
-        ValueError: a diagnostics.pt written by an older evaluate stage (rerun it).
+        ValueError: a diagnostics.pt of another format (written by another version of
+            the evaluate stage: rerun it) or not matching ``charlm.artefacts``.
     """
     ev = Path(eval_dir)
 
@@ -63,11 +66,10 @@ def load(
     diagnostics = {}
     for v in variants:
         path = ev / v / "diagnostics.pt"
-        diagnostics[v] = torch.load(path, weights_only=True)
-        if diagnostics[v].get("format") != DIAGNOSTICS_FORMAT:
-            raise ValueError(
-                f"{path} was written by an older evaluate stage; rerun it (dvc repro evaluate@{v})"
-            )
+        try:
+            diagnostics[v] = from_state(torch.load(path, weights_only=True), str(path))
+        except ValueError as e:
+            raise ValueError(f"{e} (dvc repro evaluate@{v})") from e
     return Inputs(
         params=yaml.safe_load(Path(params_path).read_text(encoding="utf-8")),
         counts=read_json(Path(data_dir) / "counts.json"),
@@ -120,104 +122,7 @@ def fmt_mean_std(values: Any, digits: int = 4) -> str:
     return f"{fmt(mean, digits)} ± {fmt(sd, digits)} (n = {n})"
 
 
-# ---- Student-t quantile, without scipy -------------------------------------------------
-
-
-def t_two_sided_mass(t: float, df: int) -> float:
-    """P(-t < T < t) for Student's t with integer ``df`` >= 1, in closed form.
-
-    Abramowitz & Stegun (1964), Handbook of Mathematical Functions, 26.7.3 (odd df) and
-    26.7.4 (even df), with theta = atan(t / sqrt(df)).
-    """
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    theta = math.atan(abs(t) / math.sqrt(df))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2 == 0:  # sin(theta) * (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
-        term = total = 1.0
-        for k in range(1, (df - 2) // 2 + 1):
-            term *= (2 * k - 1) / (2 * k) * c2
-            total += term
-        return s * total
-    if df == 1:
-        return 2 * theta / math.pi
-    c = math.cos(theta)  # (2/pi)(theta + sin(theta) (c + 2/3 c^3 + ... up to c^(df-2)))
-    term = total = c
-    for k in range(1, (df - 3) // 2 + 1):
-        term *= (2 * k) / (2 * k + 1) * c2
-        total += term
-    return 2 / math.pi * (theta + s * total)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile (p > 0.5) of Student's t with integer ``df``, by bisection.
-
-    Inverts ``t_two_sided_mass`` (A&S 26.7.3-4): the p quantile is the t whose
-    two-sided mass is 2p - 1. Accurate to about 1e-12; tests check it against the
-    printed table (t_0.975: 12.706 at df 1, 2.365 at df 7, 2.042 at df 30).
-    """
-    if not 0.5 < p < 1:
-        raise ValueError(f"p must lie in (0.5, 1), got {p}")
-    mass = 2 * p - 1
-    lo, hi = 0.0, 1.0
-    while t_two_sided_mass(hi, df) < mass:
-        lo, hi = hi, hi * 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if t_two_sided_mass(mid, df) < mass:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-13 * max(1.0, hi):
-            break
-    return (lo + hi) / 2
-
-
-T_SOURCE = (
-    "the t quantile inverts the closed-form Student-t distribution for integer degrees "
-    "of freedom (Abramowitz & Stegun 1964, 26.7.3-26.7.4) by bisection"
-)
-
-
-# ---- paired comparisons ---------------------------------------------------------------
-
-
-@dataclass
-class Paired:
-    """Mean of a - b over seeds paired by index, with a t interval."""
-
-    a: str
-    b: str
-    n: int
-    mean: float | None
-    sd: float | None
-    lo: float | None
-    hi: float | None
-    t: float | None
-
-
-def paired_difference(
-    a_vals: list, b_vals: list, a: str = "a", b: str = "b", level: float = LEVEL
-) -> Paired:
-    """d_i = a_i - b_i over the seeds where both are finite; t interval on mean(d).
-
-    interval = mean(d) +- t_{(1+level)/2, n-1} * sd(d) / sqrt(n) (the paired t interval).
-    """
-    d = [
-        x - y
-        for x, y in zip(a_vals, b_vals, strict=False)
-        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
-    ]
-    n = len(d)
-    if n == 0:
-        return Paired(a, b, 0, None, None, None, None, None)
-    mean = statistics.fmean(d)
-    if n < 2:
-        return Paired(a, b, n, mean, None, None, None, None)
-    sd = statistics.stdev(d)
-    t = t_quantile((1 + level) / 2, n - 1)
-    half = t * sd / math.sqrt(n)
-    return Paired(a, b, n, mean, sd, mean - half, mean + half, t)
+# ---- paired comparisons (reporting.intervals) -----------------------------------
 
 
 def comparisons(inputs: Inputs, split: str = "val") -> list[Paired]:
@@ -231,37 +136,7 @@ def spread(inputs: Inputs, v: str, split: str = "val") -> float | None:
     return mean_std(inputs.metrics[v]["per_seed"][split])[1]
 
 
-def verdict(c: Paired, spread_a: float | None, spread_b: float | None) -> str:
-    """One sentence on a paired comparison (val loss, nats; lower is better)."""
-    if c.mean is None:
-        return f"{c.a} vs {c.b}: no seed has a finite loss for both, so no comparison."
-    if c.lo is None:
-        return (
-            f"{c.a} vs {c.b}: only {c.n} paired seed, difference {c.mean:+.4f}; "
-            f"an interval needs at least two."
-        )
-    better, worse = (c.a, c.b) if c.mean < 0 else (c.b, c.a)
-    gap = abs(c.mean)
-    spreads = [s for s in (spread_a, spread_b) if s is not None]
-    if spreads:
-        sd = max(spreads)
-        beyond = "larger" if gap > sd else "smaller"
-        spread_words = f"; the gap is {beyond} than the seed-to-seed sd ({sd:.4f})"
-    else:
-        spread_words = ""
-    if c.lo > 0 or c.hi < 0:
-        # state the interval of worse - better, so every verdict reads as a positive gap
-        lo, hi = (-c.hi, -c.lo) if better == c.a else (c.lo, c.hi)
-        ci = f"95% CI of {worse} - {better}: [{lo:+.4f}, {hi:+.4f}], {c.n} pairs"
-        return f"{better} beats {worse} by {gap:.4f} nats ({ci}){spread_words}."
-    ci = f"95% CI of {c.a} - {c.b}: [{c.lo:+.4f}, {c.hi:+.4f}], {c.n} pairs"
-    return (
-        f"no clear difference between {c.a} and {c.b}: mean {c.mean:+.4f} nats, "
-        f"and the interval includes 0 ({ci}){spread_words}."
-    )
-
-
-# ---- tables -----------------------------------------------------------------------------
+# ---- the published numbers, and seeds ---------------------------------------------
 
 
 def reference_rows(inputs: Inputs) -> list[dict]:
@@ -293,18 +168,6 @@ def reference_rows(inputs: Inputs) -> list[dict]:
     return rows
 
 
-def seed_rows(inputs: Inputs) -> list[dict]:
-    """mean ± sd over seeds for every variant and split (and the step-0 loss)."""
-    rows = []
-    for v in inputs.variants:
-        m = inputs.metrics[v]
-        row = {"variant": v, "seeds": len(m["seeds"]), "diverged": m["n_diverged"]}
-        for k in ("init_loss", *SPLITS):
-            row[k] = fmt_mean_std(m["per_seed"][k])
-        rows.append(row)
-    return rows
-
-
 def diverged(inputs: Inputs, v: str) -> list[bool]:
     """Per seed, whether it diverged (non-finite training loss or split losses)."""
     return [bool(d) for d in inputs.metrics[v]["per_seed"]["diverged"]]
@@ -316,38 +179,6 @@ def first_good_seed(inputs: Inputs, v: str) -> int | None:
 
 
 # ---- sentences --------------------------------------------------------------------------
-
-
-def revision(record: dict) -> str:
-    """The git revision of a run record, in words."""
-    rev = record.get("git_revision") or "unknown (not a git repository)"
-    if record.get("git_dirty") == "yes":
-        rev += " + uncommitted changes"
-    return rev
-
-
-def run_rows(inputs: Inputs) -> list[dict]:
-    """One row per stage, in pipeline order: wall time (s), device, microseconds per
-    model-step (train only), git revision, DVC experiment and versions, from the run
-    records; a stage without a record says so."""
-    rows = []
-    for stage, rec in inputs.runs.items():
-        if rec is None:
-            rows.append({"stage": stage, "wall time (s)": None, "git revision": "not recorded"})
-            continue
-        row = {
-            "stage": stage,
-            "wall time (s)": rec.get("seconds"),
-            "device": rec.get("device"),
-            "µs per model-step": rec.get("us_per_model_step"),
-            "git revision": revision(rec),
-            "DVC experiment": rec.get("dvc_experiment"),
-            "torch": rec.get("torch"),
-            "DVC": rec.get("dvc"),
-            "Python": rec.get("python"),
-        }
-        rows.append({k: math.nan if v is None else v for k, v in row.items()})  # NaN: '–'
-    return rows
 
 
 def summary_paragraph(inputs: Inputs) -> str:
@@ -428,11 +259,11 @@ def summary_paragraph(inputs: Inputs) -> str:
     return " ".join(parts)
 
 
-def init_loss_sentence(v: str, il: dict, seed: int = 0) -> str:
+def init_loss_sentence(v: str, il: InitLoss, seed: int = 0) -> str:
     """Why variant ``v`` starts where it does, from its step-0 logits (one seed)."""
-    uniform = il["uniform"]
+    uniform = il.uniform
     V = round(math.exp(uniform))
-    loss = il["step0"][seed]
+    loss = il.step0[seed]
     if loss is None or not math.isfinite(loss):
         return f"**{v}**: the step-0 loss is not finite."
     excess = loss - uniform
@@ -440,8 +271,9 @@ def init_loss_sentence(v: str, il: dict, seed: int = 0) -> str:
         f"**{v}** (canonical seed) starts at {loss:.4f} nats, {excess:+.4f} from "
         f"-ln(1/{V}) = {uniform:.4f}"
     )
-    std, pred = il["logits_std"][seed], il["logits_std_predicted"][seed]
-    pt, pmax = il["p_target_median"][seed], il["p_max"][seed]
+    std, pred = il.logits_std[seed], il.logits_std_predicted[seed]
+    pt, pmax = il.p_target_median[seed], il.p_max[seed]
+    w = il.output_weight
     if abs(excess) <= 0.1:
         return (
             head + f": its logits are small (sd {std:.3f}), so the softmax is close to "
@@ -450,11 +282,27 @@ def init_loss_sentence(v: str, il: dict, seed: int = 0) -> str:
         )
     return (
         head + f": its logits have a standard deviation of {std:.2f} on the probe batch "
-        f"(predicted {pred:.2f} = std(W2) {il['w2_std'][seed]:.3f} × rms(h) "
-        f"{il['h_rms'][seed]:.3f} × sqrt(H)), so the softmax is confidently wrong: the "
+        f"(predicted {pred:.2f} = std({w}) {il.output_weight_std[seed]:.3f} × rms(h) "
+        f"{il.h_rms[seed]:.3f} × sqrt(H)), so the softmax is confidently wrong: the "
         f"most likely character takes {pmax:.1%} of the mass on average, and on half of "
         f"the examples the correct one gets less than {pt:.2g} instead of 1/{V} = "
-        f"{1 / V:.4f}. Scaling W2 (and b2) down towards 0 fixes this."
+        f"{1 / V:.4f}. Scaling {w} (and its bias) down towards 0 fixes this."
+    )
+
+
+def duplicates_sentence(counts: dict) -> str:
+    """The repeated names of the data and what the *unseen* losses measure (markdown)."""
+    d, words = counts["duplicates"], counts["words"]
+    held_out = " and ".join(
+        f"{d['also_in_train'][k]:,} of the {words[k]:,} {k} names" for k in d["also_in_train"]
+    )
+    windows = ", ".join(f"{k}_unseen {n:,}" for k, n in d["unseen_windows"].items())
+    return (
+        f"**Repeated names:** the names file repeats {d['repeated_lines']:,} lines "
+        f"({d['distinct_names']:,} distinct names in {counts['names']:,} lines), and the "
+        f"lecture's split cuts the shuffled lines, so {held_out} also occur in train. The "
+        f"*unseen* losses (val_unseen, test_unseen) are measured on the windows of the "
+        f"val and test names that never occur in train (windows: {windows})."
     )
 
 
@@ -462,10 +310,10 @@ def dead_units_sentence(inputs: Inputs) -> str:
     """Dead units per variant at init and after training (the seeds the figures show)."""
     parts = []
     for v in inputs.variants:
-        acts = inputs.diagnostics[v]["activations"]
+        layers = [layer.activations for layer in inputs.diagnostics[v].layers]
         s = first_good_seed(inputs, v)
-        final = "–" if s is None else str(int(acts["final"]["dead"][s]))
-        parts.append(f"{v} {int(acts['init']['dead'][0])} → {final}")
+        final = "–" if s is None else str(sum(a["final"].dead[s] for a in layers))
+        parts.append(f"{v} {sum(a['init'].dead[0] for a in layers)} → {final}")
     return (
         "**Dead units** (saturated on every probe example; at init → after training, "
         "seeds as in the figures): " + ", ".join(parts) + "."

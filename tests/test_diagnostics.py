@@ -1,13 +1,16 @@
-"""charlm.diagnostics: each number the report draws, computed a second, independent way."""
+"""charlm.diagnostics: each number the report draws, computed a second, independent way;
+charlm.artefacts: the typed records of diagnostics.pt, their format and their round trip."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from charlm import artefacts
 from charlm import diagnostics as diag
 from charlm.config import ModelConfig, VariantConfig
 from charlm.model import build_mlp
@@ -91,10 +94,23 @@ def test_gradient_at_h_by_hand(name):
     logits = torch.baddbmm(m.b2.unsqueeze(1), h, m.W2).detach()
     dlogits = torch.softmax(logits, 2) - torch.nn.functional.one_hot(y, V).float()
     expected = torch.bmm(dlogits / x.shape[1], m.W2.detach().transpose(1, 2))
-    assert_close(g["dh"], expected, rtol=1e-5, atol=1e-8)
-    for w in diag.WEIGHTS:
-        assert g[f"{w}.ratio"].shape == (2,)
-        assert (g[f"{w}.ratio"] > 0).all()
+    (dh,) = g["dh"]  # one hidden layer
+    assert_close(dh, expected, rtol=1e-5, atol=1e-8)
+    assert list(g["weights"]) == ["C", "W1", "W2"]  # the model's names, in its order
+    for w, rec in g["weights"].items():
+        grad = torch.autograd.grad(m.train()(x, y)[1].sum(), m.get_parameter(w))[0]
+        expected = grad.reshape(2, -1).std(1) / m.get_parameter(w).detach().reshape(2, -1).std(1)
+        assert_close(rec["grad_data_ratio"], expected, rtol=1e-5, atol=0)
+        assert_close(rec["grad_std"], grad.reshape(2, -1).std(1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_weight_matrices_are_the_models_2d_parameters(name):
+    m = model(name)
+    assert diag.weight_matrices(m) == ["C", "W1", "W2"]
+    assert list(diag.batchnorm_layers(m)) == (["bn"] if name == "batchnorm" else [])
+    m.W3 = torch.nn.Parameter(torch.zeros(2, 4, 5))  # a deeper model names its own
+    assert diag.weight_matrices(m)[-1] == "W3"
 
 
 def test_gradients_do_not_touch_the_model():
@@ -120,3 +136,85 @@ def test_calibrate_batchnorm_against_torch_mean_std():
     recal = diag.with_batchnorm_stats(m, cal["mean"], cal["std"])
     assert torch.equal(recal.bn.running_mean, cal["mean"])
     assert torch.equal(m.bn.running_mean, torch.zeros_like(cal["mean"]))  # original kept
+
+
+def records(n_layers: int = 1, S: int = 2, P: int = 4, H: int = 3) -> artefacts.Diagnostics:
+    """Small diagnostics records with ``n_layers`` hidden layers."""
+    acts = {
+        "hpreact": torch.zeros(S, P, H), "h": torch.zeros(S, P, H),
+        "saturated": {"0.97": [0.0] * S}, "dead": [0] * S, "hpreact_mean": [0.0] * S,
+        "hpreact_std": [1.0] * S, "image": torch.zeros(S, P, H, dtype=torch.bool),
+    }  # fmt: skip
+    weight = {"grad_mean": torch.zeros(S), "grad_std": torch.ones(S),
+              "grad_data_ratio": torch.ones(S),
+              "update_ratio": torch.full((2, S), -3.0)}  # fmt: skip
+    return artefacts.Diagnostics(
+        seeds=list(range(S)), diverged_at=[None, 5], probe_index=torch.arange(P),
+        thresholds=[0.97], update_steps=torch.tensor([0, 10]),
+        curve={"window": 10, "step": torch.tensor([0]), "log10_loss": torch.zeros(1, S)},
+        init_loss={"step0": [3.3] * S, "uniform": math.log(V), "loss": [3.3] * S,
+                   "logits_std": [0.1] * S, "logits_std_predicted": [0.1] * S,
+                   "p_target_median": [0.04] * S, "p_max": [0.05] * S, "h_rms": [0.5] * S,
+                   "output_weight": f"W{n_layers + 1}", "output_weight_std": [0.01] * S},
+        layers=[{"activations": {"init": acts, "final": acts}, "dh": torch.zeros(S, P, H)}
+                for _ in range(n_layers)],
+        weights={"C": weight, **{f"W{i + 1}": weight for i in range(n_layers + 1)}},
+        batchnorm=None,
+    )  # fmt: skip
+
+
+def saved(state) -> object:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # no class is unpickled
+
+
+@pytest.mark.parametrize("n_layers", [1, 6])
+def test_records_round_trip_through_a_weights_only_load(n_layers):
+    d = records(n_layers)
+    back = artefacts.from_state(saved(artefacts.to_state(d)))
+    assert back.format == artefacts.FORMAT
+    assert len(back.layers) == n_layers and list(back.weights)[-1] == f"W{n_layers + 1}"
+    assert torch.equal(back.weights["W1"].update_ratio, d.weights["W1"].update_ratio)
+    assert back.diverged_at == [None, 5] and back.batchnorm is None
+
+
+def test_records_of_another_format_are_refused_with_the_file_named():
+    state = artefacts.to_state(records())
+    state["format"] = 3
+    with pytest.raises(ValueError, match=r"data/eval/x/diagnostics.pt: diagnostics format 3, "
+                       r"but this code reads format \d+; .* rerun it"):  # fmt: skip
+        artefacts.from_state(state, "data/eval/x/diagnostics.pt")
+    with pytest.raises(ValueError, match="format None"):
+        artefacts.from_state({"curve": {}}, "old.pt")  # format 1 had no version at all
+    state = artefacts.to_state(records())
+    state["layers"][0]["dh"] = [0.0]  # a list where a tensor belongs
+    with pytest.raises(
+        ValueError,
+        match=r"x.pt: not valid diagnostics \(format \d+\): layers.0.dh: Input should be",
+    ):
+        artefacts.from_state(state, "x.pt")
+
+
+def test_evaluate_stage_diagnostics_are_valid_records(tmp_path):
+    """diagnose() fills every field of the records for a BatchNorm model (names from it)."""
+    from charlm.config import EvaluateConfig
+    from pipeline.stages.evaluate import diagnose
+
+    m, init = model("batchnorm"), model("batchnorm")
+    x, y = probe(2)
+    X = torch.randint(0, V, (50, T), generator=torch.Generator().manual_seed(4))
+    splits = {k: {"X": X, "Y": X[:, 0]} for k in ("train", "val", "test")}
+    history = {"loss": torch.full((20, 2), 3.0), "record_steps": torch.tensor([0, 10]),
+               "update_ratio": {w: torch.zeros(2, 2) for w in ("C", "W1", "W2")}}  # fmt: skip
+    losses = {k: [2.0, 2.1] for k in splits}
+    fields = diagnose(m, init, history, (x, y), splits, losses, EvaluateConfig(curve_window=5))
+    d = artefacts.from_state(
+        saved(artefacts.to_state(artefacts.Diagnostics(
+            seeds=[1, 2], diverged_at=[None, None], probe_index=torch.arange(16), **fields
+        )))
+    )  # fmt: skip
+    assert list(d.weights) == ["C", "W1", "W2"] and d.init_loss.output_weight == "W2"
+    assert list(d.batchnorm.layers) == ["bn"] and d.batchnorm.loss_running == losses
+    assert d.layers[0].activations["init"].h.shape == (2, 16, 20)

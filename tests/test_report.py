@@ -1,7 +1,8 @@
 """The HTML report: statistics, self-containment, determinism, degenerate inputs.
 
-Unit tests check the numbers and sentences the report is made of (the Student-t
-quantile two ways, paired intervals, verdicts) and the HTML export. Integration tests
+Unit tests check the numbers and sentences the report is made of (the t quantile
+against the printed table, the paired t and bootstrap intervals, verdicts, the repeated
+names) and the HTML export. Integration tests
 run the tiny pipeline once in a repository copy, open the report in headless Chromium
 (Debian's ``chromium``, driven over the DevTools protocol), rerun the report stage and
 compare bytes, and feed it degenerate diagnostics.
@@ -21,10 +22,12 @@ import pytest
 import torch
 from conftest import TINY, deep_update, make_repo, run, strict_json
 
+from charlm import artefacts
 from charlm.diagnostics import activation_summary
 from pipeline import outputs
 from pipeline.stages import report
 from pipeline.stages.evaluate import summarise
+from reporting import intervals as report_intervals
 from reporting import stats as report_stats
 
 SECTIONS = (
@@ -41,40 +44,41 @@ TINY_REPORT = deep_update(TINY, {"evaluate": {"curve_window": 50}})
 # ---- unit: statistics and sentences ---------------------------------------------------
 
 # t_{0.975, df} from the printed table (NIST/SEMATECH e-Handbook, 1.3.6.7.2), 3 decimals
-T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 7: 2.365, 10: 2.228, 30: 2.042, 100: 1.984}
+T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+           9: 2.262, 10: 2.228, 30: 2.042, 100: 1.984}  # fmt: skip
 
 
 @pytest.mark.parametrize("df", sorted(T_TABLE))
-def test_t_quantile_matches_the_printed_table(df):
-    assert report_stats.t_quantile(0.975, df) == pytest.approx(T_TABLE[df], abs=5e-4)
+def test_paired_t_interval_uses_the_printed_t_quantile(df):
+    """n = df + 1 paired seeds: the quantile and the half-width t * sd / sqrt(n)."""
+    d = [0.01 * ((7 * i) % 5 - 2) + 0.003 for i in range(df + 1)]
+    c = report_intervals.paired_difference([2 + x for x in d], [2.0] * (df + 1))
+    assert c.t == pytest.approx(T_TABLE[df], abs=5e-4)
+    half = T_TABLE[df] * c.sd / math.sqrt(df + 1)
+    assert (c.hi - c.lo) / 2 == pytest.approx(half, rel=5e-4 / T_TABLE[df] + 1e-9)
+    assert (c.lo + c.hi) / 2 == pytest.approx(c.mean, abs=1e-12)
 
 
-@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 12])
-def test_t_mass_matches_numerical_integration_of_the_density(df):
-    """Closed form (A&S 26.7.3-4) vs Simpson's rule on the Student-t density."""
-    t = 2.1
-    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
-
-    def pdf(x):
-        return c * (1 + x * x / df) ** (-(df + 1) / 2)
-
-    n = 2000  # even
-    h = 2 * t / n
-    simpson = pdf(-t) + pdf(t) + sum((4 if i % 2 else 2) * pdf(-t + i * h) for i in range(1, n))
-    assert report_stats.t_two_sided_mass(t, df) == pytest.approx(simpson * h / 3, abs=1e-10)
-
-
-def test_t_quantile_tends_to_the_normal_quantile():
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(0.975)
-    assert report_stats.t_quantile(0.975, 100_000) == pytest.approx(z, abs=1e-4)
+def test_bootstrap_interval_is_seeded_and_close_to_t_for_many_seeds():
+    g = torch.Generator().manual_seed(0)
+    a = (2 + 0.01 * torch.randn(200, generator=g, dtype=torch.float64)).tolist()
+    b = [2.0] * 200
+    c = report_intervals.paired_difference(a, b)
+    again = report_intervals.paired_difference(a, b)
+    assert (c.boot_lo, c.boot_hi) == (again.boot_lo, again.boot_hi)  # deterministic
+    assert c.boot_lo < c.mean < c.boot_hi
+    # 200 pairs: the percentile bootstrap and the t interval nearly agree
+    assert c.boot_hi - c.boot_lo == pytest.approx(c.hi - c.lo, rel=0.1)
+    assert (c.boot_lo + c.boot_hi) / 2 == pytest.approx(c.mean, abs=0.1 * (c.hi - c.lo))
+    # equal differences: both intervals shrink to the point
+    same = report_intervals.paired_difference([2.1, 2.2, 2.3], [2.0, 2.1, 2.2])
+    assert same.boot_lo == pytest.approx(0.1) and same.boot_hi == pytest.approx(0.1)
 
 
 def test_paired_difference_skips_missing_pairs_and_builds_the_t_interval():
     a = [2.10, 2.12, None, 2.11, float("nan")]
     b = [2.00, 2.03, 2.05, 2.00, 2.01]
-    c = report_stats.paired_difference(a, b, "a", "b")
+    c = report_intervals.paired_difference(a, b, "a", "b")
     d = [0.10, 0.09, 0.11]
     mean, sd = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
     half = 4.302652729749 * sd / math.sqrt(3)
@@ -82,24 +86,37 @@ def test_paired_difference_skips_missing_pairs_and_builds_the_t_interval():
     assert c.mean == pytest.approx(mean)
     assert c.sd == pytest.approx(sd)
     assert (c.lo, c.hi) == pytest.approx((mean - half, mean + half), abs=1e-9)
-    assert "b beats a by 0.1000" in report_stats.verdict(c, 0.01, 0.02)
-    assert "larger than the seed-to-seed sd (0.0200)" in report_stats.verdict(c, 0.01, 0.02)
+    assert c.boot_lo == pytest.approx(0.09) and c.boot_hi == pytest.approx(0.11)  # min, max
+    assert "b beats a by 0.1000" in report_intervals.verdict(c, 0.01, 0.02)
+    assert "larger than the seed-to-seed sd (0.0200)" in report_intervals.verdict(c, 0.01, 0.02)
 
 
 def test_verdicts_when_the_interval_includes_zero_or_is_missing():
-    c = report_stats.paired_difference([1.0, 2.0, 3.0], [1.1, 1.9, 3.05])
-    assert "no clear difference" in report_stats.verdict(c, 1.0, 1.0)
-    one = report_stats.paired_difference([1.0, None], [2.0, 2.0])
-    assert one.n == 1 and one.lo is None
-    assert "needs at least two" in report_stats.verdict(one, None, None)
-    none = report_stats.paired_difference([None], [float("inf")])
-    assert "no comparison" in report_stats.verdict(none, None, None)
+    c = report_intervals.paired_difference([1.0, 2.0, 3.0], [1.1, 1.9, 3.05])
+    assert "no clear difference" in report_intervals.verdict(c, 1.0, 1.0)
+    one = report_intervals.paired_difference([1.0, None], [2.0, 2.0])
+    assert one.n == 1 and one.lo is None and one.boot_lo is None
+    assert "needs at least two" in report_intervals.verdict(one, None, None)
+    none = report_intervals.paired_difference([None], [float("inf")])
+    assert "no comparison" in report_intervals.verdict(none, None, None)
 
 
 def test_mean_std_formatting_of_missing_values():
     assert report_stats.fmt_mean_std([None, float("nan")]) == "– (no finite value)"
     assert report_stats.fmt_mean_std([1.0, None]) == "1.0000 (n = 1)"
     assert report_stats.fmt_mean_std([1.0, 3.0], 2) == "2.00 ± 1.41 (n = 2)"
+
+
+def test_duplicates_sentence_states_the_counts():
+    counts = {"names": 32_033, "words": {"train": 25_626, "val": 3_203, "test": 3_204},
+              "duplicates": {"distinct_names": 29_494, "repeated_lines": 2_539,
+                             "also_in_train": {"val": 424, "test": 377},
+                             "unseen": {"val": 2_779, "test": 2_827},
+                             "unseen_windows": {"val": 19_000, "test": 19_500}}}  # fmt: skip
+    text = report_stats.duplicates_sentence(counts)
+    assert "repeats 2,539 lines (29,494 distinct names in 32,033 lines)" in text
+    assert "424 of the 3,203 val names and 377 of the 3,204 test names also occur" in text
+    assert "val_unseen 19,000, test_unseen 19,500" in text
 
 
 # ---- unit: HTML export ----------------------------------------------------------------
@@ -264,6 +281,14 @@ def test_report_rerun_is_byte_identical_even_after_a_commit(tiny):
         assert p.read_bytes() == b, f"{p.name} changed on rerun"
 
 
+def load_records(path: Path) -> artefacts.Diagnostics:
+    return artefacts.from_state(torch.load(path, weights_only=True), str(path))
+
+
+def save_records(path: Path, d: artefacts.Diagnostics) -> None:
+    torch.save(artefacts.to_state(d), path)
+
+
 def make_degenerate(src: Path, dst: Path) -> None:
     """Copy evaluate's outputs and break them the ways a real run can.
 
@@ -274,27 +299,29 @@ def make_degenerate(src: Path, dst: Path) -> None:
     """
     shutil.copytree(src, dst)
     path = dst / "naive" / "diagnostics.pt"
-    d = torch.load(path)
-    for t in d["gradients"].values():
-        t.zero_()
-    for w in ("C", "W1", "W2"):
-        d["update_ratio"][w].fill_(-math.inf)
-    torch.save(d, path)
+    d = load_records(path)
+    for layer in d.layers:
+        layer.dh.zero_()
+    for w in d.weights.values():
+        for t in (w.grad_mean, w.grad_std, w.grad_data_ratio):
+            t.zero_()
+        w.update_ratio.fill_(-math.inf)
+    save_records(path, d)
 
     path = dst / "kaiming" / "diagnostics.pt"
-    d = torch.load(path)
-    for when in ("init", "final"):
-        acts = d["activations"][when]
-        acts["h"][:, :, 0] = 1.0
-        acts["hpreact"][:, :, 0] = 50.0
-        acts.update(activation_summary(acts["h"], acts["hpreact"], tuple(d["thresholds"])))
-    torch.save(d, path)
+    d = load_records(path)
+    for when, acts in d.layers[0].activations.items():
+        acts.h[:, :, 0] = 1.0
+        acts.hpreact[:, :, 0] = 50.0
+        summary = activation_summary(acts.h, acts.hpreact, tuple(d.thresholds))
+        d.layers[0].activations[when] = acts.model_copy(update=summary)
+    save_records(path, d)
 
     m = json.loads((dst / "batchnorm" / "metrics.json").read_text(encoding="utf-8"))
     m["per_seed"]["diverged_at"][0] = 150
     m["per_seed"]["diverged"][0] = True
     m["n_diverged"] = 1
-    for k in ("train", "val", "test"):
+    for k in ("train", "val", "test", "val_unseen", "test_unseen"):
         m["per_seed"][k][0] = None
         m["canonical"][k] = None
         m["mean"][k], m["std"][k] = summarise(m["per_seed"][k])
@@ -304,20 +331,21 @@ def make_degenerate(src: Path, dst: Path) -> None:
     s["share_in_train"][0] = None
     (dst / "batchnorm" / "samples.json").write_text(outputs.dumps_json(s), encoding="utf-8")
     path = dst / "batchnorm" / "diagnostics.pt"
-    d = torch.load(path)
-    d["diverged_at"][0] = 150
-    d["curve"]["log10_loss"][d["curve"]["step"] >= 150, 0] = math.nan
-    acts = d["activations"]["final"]
-    acts["h"][0], acts["hpreact"][0] = math.nan, math.nan
-    acts.update(activation_summary(acts["h"], acts["hpreact"], tuple(d["thresholds"])))
-    for w in ("C", "W1", "W2"):
-        d["update_ratio"][w][d["update_ratio"]["step"] >= 150, 0] = math.nan
-    for key in ("running_mean", "running_std"):
-        d["batchnorm"][key][0] = math.nan
-    for losses in (d["batchnorm"]["loss_running"], d["batchnorm"]["loss_calibrated"]):
+    d = load_records(path)
+    d.diverged_at[0] = 150
+    d.curve.log10_loss[d.curve.step >= 150, 0] = math.nan
+    acts = d.layers[0].activations["final"]
+    acts.h[0], acts.hpreact[0] = math.nan, math.nan
+    summary = activation_summary(acts.h, acts.hpreact, tuple(d.thresholds))
+    d.layers[0].activations["final"] = acts.model_copy(update=summary)
+    for w in d.weights.values():
+        w.update_ratio[d.update_steps >= 150, 0] = math.nan
+    for bn in d.batchnorm.layers.values():
+        bn.running_mean[0], bn.running_std[0] = math.nan, math.nan
+    for losses in (d.batchnorm.loss_running, d.batchnorm.loss_calibrated):
         for k in losses:
             losses[k][0] = math.nan
-    torch.save(d, path)
+    save_records(path, d)
 
 
 @pytest.mark.integration
@@ -342,14 +370,15 @@ def test_report_stage_fails_cleanly_when_a_cell_fails(tiny, tmp_path):
     root, _ = tiny
     shutil.copytree(root / "data" / "eval", tmp_path / "eval")
     path = tmp_path / "eval" / "kaiming" / "diagnostics.pt"
-    d = torch.load(path)
-    del d["gradients"]  # the gradients cell raises KeyError
+    d = torch.load(path, weights_only=True)
+    d["format"] = 3  # written by an older evaluate stage: the loading cell refuses it
     torch.save(d, path)
     out = tmp_path / "out"
     proc = render_cli(root, tmp_path / "eval", out, check=False)
     assert proc.returncode == 1
     assert "error: the report notebook failed in cell" in proc.stderr
-    assert "KeyError" in proc.stderr and "Traceback" not in proc.stderr
+    assert "ValueError" in proc.stderr and "Traceback" not in proc.stderr
+    assert "diagnostics format 3" in proc.stderr and "evaluate@kaiming" in proc.stderr
     assert not (out / "report.html").exists() and not (out / "report.ipynb").exists()
     assert not (out / "metrics.json").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")] if out.exists() else True

@@ -1,8 +1,10 @@
 """Evaluate one trained variant: split losses, step-0 loss, diagnostics and samples.
 
 Reads params evaluate.*, ``--data`` (the split) and ``--model`` (train's directory);
-writes to ``--out`` (a directory): metrics.json (per-seed and summary split losses),
-diagnostics.pt (activations, gradients, BatchNorm statistics) and samples.json.
+writes to ``--out`` (a directory): metrics.json (per-seed and summary split losses,
+val_unseen/test_unseen: the windows of val/test names absent from train),
+diagnostics.pt (``charlm.artefacts.Diagnostics``: activations, gradients, BatchNorm
+statistics) and samples.json.
 Run: python -m pipeline.stages.evaluate --data data/processed --model data/models/kaiming \
     --out data/eval/kaiming --record data/runs/evaluate@kaiming.json
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from charlm import artefacts
 from charlm import diagnostics as diag
 from charlm.config import EvaluateConfig, ModelConfig, VariantConfig
 from charlm.data import Vocabulary
@@ -24,8 +27,9 @@ from charlm.evaluate import sample, split_loss
 from charlm.model import MLP
 from pipeline import outputs, params, records
 
-DIAGNOSTICS_FORMAT = 3  # the layout of diagnostics.pt; the report refuses other versions
 SPLITS = ("train", "val", "test")
+# windows of the val/test names that never occur in train (written by the split stage)
+UNSEEN = ("val_unseen", "test_unseen")
 
 
 def load_model(checkpoint: dict, which: str = "state_dict") -> MLP:
@@ -64,18 +68,25 @@ def diagnose(
 ) -> dict:
     """Everything the report draws, computed here so the notebook only reads.
 
-    Returns the content of diagnostics.pt (tensors on the CPU, lists of S floats):
-    'curve' (windowed log10 training loss), 'init_loss' (step-0 loss and the logits
-    behind it), 'activations' at 'init' (the step-0 forward pass, training mode) and
-    'final' (eval mode) on the probe batch, 'gradients' at init, 'update_ratio' over
-    training, and for a BatchNorm model 'batchnorm' (running vs calibrated statistics,
-    and the split ``losses`` (eval mode, running statistics) beside those recomputed with
-    the calibrated ones).
+    Returns the fields of ``charlm.artefacts.Diagnostics`` but the run's identity
+    (seeds, divergence, probe rows): the windowed log10 training loss, the step-0 loss
+    and the logits behind it, per hidden layer the activations at 'init' (the step-0
+    forward pass, training mode) and 'final' (eval mode) on the probe batch and the
+    gradient at its output at init, per weight matrix (named by the model) its gradient
+    at init and its update ratio over training, and for a BatchNorm model the running vs
+    calibrated statistics with the split ``losses`` (eval mode, running statistics)
+    beside those recomputed with the calibrated ones.
     """
     probe_x, probe_y = probe
     steps, log10_loss = diag.loss_curve(history["loss"], cfg.curve_window)
+    grads = diag.gradients(init, probe_x, probe_y)
+    moments = {}
+    for when, m in (("init", init), ("final", model)):
+        moments[when] = [
+            {**a, **diag.activation_summary(a["h"], a["hpreact"], tuple(cfg.saturation))}
+            for a in diag.activations(m, probe_x, train_mode=(when == "init"))
+        ]
     out: dict = {
-        "format": DIAGNOSTICS_FORMAT,
         "thresholds": list(cfg.saturation),
         "curve": {
             "window": min(cfg.curve_window, history["loss"].shape[0]),
@@ -87,23 +98,30 @@ def diagnose(
             "uniform": math.log(model.vocab_size),
             **diag.initial_logits(init, probe_x, probe_y),
         },
-        "activations": {},
-        "gradients": diag.gradients(init, probe_x, probe_y),
-        "update_ratio": {"step": history["record_steps"], **history["update_ratio"]},
+        "layers": [
+            {"activations": {when: moments[when][i] for when in moments}, "dh": dh}
+            for i, dh in enumerate(grads["dh"])
+        ],
+        "weights": {
+            name: {**g, "update_ratio": history["update_ratio"].get(name)}
+            for name, g in grads["weights"].items()
+        },
+        "update_steps": history["record_steps"],
         "batchnorm": None,
     }
-    for when, m in (("init", init), ("final", model)):
-        acts = diag.activations(m, probe_x, train_mode=(when == "init"))
-        summary = diag.activation_summary(acts["h"], acts["hpreact"], tuple(cfg.saturation))
-        out["activations"][when] = {**acts, **summary}
     if model.bn is not None:
         calibrated = diag.calibrate_batchnorm(model, splits["train"]["X"])
         recal = diag.with_batchnorm_stats(model, calibrated["mean"], calibrated["std"])
+        ((name, bn),) = diag.batchnorm_layers(model).items()  # calibration covers one layer
         out["batchnorm"] = {
-            "running_mean": model.bn.running_mean.clone(),
-            "running_std": model.bn.running_std.clone(),
-            "calibrated_mean": calibrated["mean"],
-            "calibrated_std": calibrated["std"],
+            "layers": {
+                name: {
+                    "running_mean": bn.running_mean.clone(),
+                    "running_std": bn.running_std.clone(),
+                    "calibrated_mean": calibrated["mean"],
+                    "calibrated_std": calibrated["std"],
+                }
+            },
             "loss_running": losses,
             "loss_calibrated": {
                 k: split_loss(recal, splits[k]["X"], splits[k]["Y"]).tolist() for k in SPLITS
@@ -117,7 +135,7 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
     checkpoint = torch.load(model_dir / "model.pt")
     history = torch.load(model_dir / "history.pt")
     summary = json.loads((model_dir / "train.json").read_text(encoding="utf-8"))
-    splits = {k: torch.load(data / f"{k}.pt") for k in SPLITS}
+    splits = {k: torch.load(data / f"{k}.pt") for k in (*SPLITS, *UNSEEN)}
     words = json.loads((data / "words.json").read_text(encoding="utf-8"))
     vocab = Vocabulary(tuple(checkpoint["vocab"]))
     model, init = load_model(checkpoint), load_model(checkpoint, "init_state_dict")
@@ -131,9 +149,10 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         d is not None or not all(math.isfinite(losses[k][s]) for k in SPLITS)
         for s, d in enumerate(diverged_at)
     ]
+    unseen = {k: split_loss(model, splits[k]["X"], splits[k]["Y"]).tolist() for k in UNSEEN}
     per_seed: dict[str, list[float | None]] = {}
-    for k in SPLITS:  # a diverged seed has no split losses (null in the JSON)
-        per_seed[k] = [None if bad else v for v, bad in zip(losses[k], diverged, strict=True)]
+    for k, ls in {**losses, **unseen}.items():  # a diverged seed has none (null in the JSON)
+        per_seed[k] = [None if bad else v for v, bad in zip(ls, diverged, strict=True)]
     per_seed["init_loss"] = history["loss"][0].double().tolist()
 
     # one fixed probe batch from the training split, drawn by its own generator
@@ -143,8 +162,12 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         splits["train"]["X"][pick].expand(S, -1, -1),  # (S, P, T)
         splits["train"]["Y"][pick].expand(S, -1),
     )  # (S, P)
-    diagnostics = diagnose(model, init, history, probe, splits, losses, cfg)
-    diagnostics.update(seeds=seeds, diverged_at=diverged_at, probe_index=pick)
+    diagnostics = artefacts.Diagnostics(
+        seeds=seeds,
+        diverged_at=diverged_at,
+        probe_index=pick,
+        **diagnose(model, init, history, probe, splits, losses, cfg),
+    )
 
     g = torch.Generator().manual_seed(cfg.sample_seed)
     shown = sample(model, vocab, cfg.n_samples, g)
@@ -152,9 +175,10 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
     train_words = set(words["train"])
     in_train = [sum(w in train_words for w in ws) / len(ws) if ws else None for ws in novelty]
 
+    reported = ("train", "val", "test", "init_loss", *UNSEEN)
     metrics = {
         "seeds": seeds,
-        "canonical": {k: per_seed[k][0] for k in ("train", "val", "test", "init_loss")},
+        "canonical": {k: per_seed[k][0] for k in reported},
         "mean": {},
         "std": {},
         "per_seed": {
@@ -166,7 +190,7 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         "share_samples_in_train": in_train,
         "device": summary["device"],
     }
-    for k in ("train", "val", "test", "init_loss"):
+    for k in reported:
         metrics["mean"][k], metrics["std"][k] = summarise(per_seed[k])
     with outputs.atomic_path(out) as tmp:
         tmp.mkdir()
@@ -175,7 +199,7 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
             outputs.dumps_json({"seeds": seeds, "samples": shown, "share_in_train": in_train}),
             encoding="utf-8",
         )
-        torch.save(diagnostics, tmp / "diagnostics.pt")
+        torch.save(artefacts.to_state(diagnostics), tmp / "diagnostics.pt")
     return metrics
 
 

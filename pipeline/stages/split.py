@@ -1,7 +1,9 @@
 """Build the vocabulary, the shuffled train/val/test split and the context windows.
 
 Reads the names file and params split.*; writes to ``--out`` (a directory):
-{train,val,test}.pt (X int64 (N, block_size), Y int64 (N,)), vocab.json, words.json, counts.json.
+{train,val,test}.pt (X int64 (N, block_size), Y int64 (N,)), {val,test}_unseen.pt (the
+windows of the val/test names that never occur in train, same layout), vocab.json,
+words.json, counts.json (sizes, and under 'duplicates' the repeated names).
 With ``--record``, also the stage's run record (wall time, revision, versions).
 Run: python -m pipeline.stages.split --names data/raw/names.txt --out data/processed \
     --record data/runs/split.json
@@ -19,6 +21,33 @@ from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
 from pipeline import outputs, params, records
 
 SPLITS = ("train", "val", "test")
+HELD_OUT = ("val", "test")  # each also gets <name>_unseen.pt: its names absent from train
+
+
+def duplicates(words: list[str], parts: dict[str, list[str]]) -> dict:
+    """How repeated names (lines) of the file spread over the split.
+
+    The lecture's split cuts the shuffled lines, so a name listed twice can land in
+    train and in val: the val/test losses then partly measure memorised names.
+    Returns 'distinct_names', 'repeated_lines' (lines minus distinct names), and per
+    held-out split the number of its names (lines) that 'also_in_train' and of those
+    left ('unseen'), whose windows <split>_unseen.pt holds ('unseen_windows', added by
+    ``split``).
+    """
+    in_train = set(parts["train"])
+    return {
+        "distinct_names": len(set(words)),
+        "repeated_lines": len(words) - len(set(words)),
+        "also_in_train": {k: sum(w in in_train for w in parts[k]) for k in HELD_OUT},
+        "unseen": {k: sum(w not in in_train for w in parts[k]) for k in HELD_OUT},
+    }
+
+
+def save_windows(path: Path, words: list[str], vocab: Vocabulary, block_size: int) -> int:
+    """Write the context windows of ``words`` to ``path`` ({'X', 'Y'}); returns their count."""
+    X, Y = build_windows(words, vocab, block_size)
+    torch.save({"X": X, "Y": Y}, path)
+    return X.shape[0]
 
 
 def split(
@@ -41,13 +70,18 @@ def split(
         "words": {k: len(v) for k, v in parts.items()},
         "windows": {},
         "first_shuffled": parts["train"][:5],
+        "duplicates": duplicates(words, parts),
     }
+    in_train = set(parts["train"])
+    unseen = {k: [w for w in parts[k] if w not in in_train] for k in HELD_OUT}
     with outputs.atomic_path(out) as tmp:
         tmp.mkdir()
         for name, part in parts.items():
-            X, Y = build_windows(part, vocab, block_size)
-            counts["windows"][name] = X.shape[0]
-            torch.save({"X": X, "Y": Y}, tmp / f"{name}.pt")
+            counts["windows"][name] = save_windows(tmp / f"{name}.pt", part, vocab, block_size)
+        counts["duplicates"]["unseen_windows"] = {
+            name: save_windows(tmp / f"{name}_unseen.pt", part, vocab, block_size)
+            for name, part in unseen.items()
+        }
         vocab_json = json.dumps({"chars": list(vocab.chars)}, ensure_ascii=False)
         (tmp / "vocab.json").write_text(vocab_json + "\n", encoding="utf-8")
         (tmp / "words.json").write_text(
