@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY, deep_update, make_repo, run
+from support import TINY, deep_update, make_repo, run
 from tools import sweep_report as sr
 
 GIT_ID = {
