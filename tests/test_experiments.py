@@ -213,12 +213,15 @@ def test_the_makefile_sweep_queues_exactly_the_values_written() -> None:
 
 
 def test_hydra_range_sweeps_queue_values_nobody_wrote() -> None:
-    """The README's caveat: range() adds its float steps up; sorted in reverse it starts
-    from the stop value, so the grid shifts; an explicit list queues what it says."""
+    """The README's caveat: a float range() steps by the exact binary value of the step
+    (Decimal(0.1) is 0.1000000000000000055...); sorted in reverse it starts from the stop
+    value, so the grid shifts by 0.01 and gains 0.26; an explicit list queues what it says."""
     assert queued_values("g=sort(range(0.5,3.01,0.25),reverse=true)")[:4] == [
         "2.76", "2.51", "2.26", "2.01"]  # fmt: skip
     assert queued_values("g=sort(range(0.5,3.01,0.25),reverse=true)")[-1].startswith("0.2599")
     assert queued_values("g=range(0.1,0.75,0.1)")[2] == "0.30000000000000004"
+    assert queued_values("g=range(0.5,3.01,0.3)")[1:3] == ["0.7999999999999999",
+                                                          "1.0999999999999999"]  # fmt: skip
     assert queued_values("g=range(0.5,3.01,0.25)") == [str(0.5 + 0.25 * i) for i in range(11)]
 
 
