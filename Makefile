@@ -28,9 +28,16 @@ bench: $(STAMP)
 
 # Queue an 11-point gain sweep on DVC's experiment queue and run it with two single-threaded
 # workers. With default params each point retrains kaiming (8 seeds x 200k steps): hours here.
+# An explicit list, not range(0.5,3.01,0.25): Hydra's float range steps by the exact binary
+# value of the step (0.3 gives 0.7999999999999999) and a reversed one starts at the stop
+# (2.76, 2.51, ...), so a range can queue values nobody wrote.
+GAINS := 0.5,0.75,1.0,1.25,1.5,1.75,2.0,2.25,2.5,2.75,3.0
 sweep: $(STAMP)
-	dvc exp run --queue -S 'variants.kaiming.gain=range(0.5,3.01,0.25)'
+	dvc exp run --queue -S 'variants.kaiming.gain=$(GAINS)'
 	OMP_NUM_THREADS=1 dvc queue start -j 2
+	dvc queue status
+	@echo "running in the background: 'dvc queue status' to follow, then 'make sweep-report'"
+	@echo "(the report says how many experiments are still queued or running, or failed)"
 
 sweep-report: $(STAMP)
 	python -m tools.sweep_report --out reports/sweep.html

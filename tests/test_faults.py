@@ -28,8 +28,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import TINY, deep_update, make_repo, run, strict_json
-from test_params import covered, dvc_stages
+from support import TINY, covered, deep_update, dvc_stages, make_repo, run, strict_json
 
 from charlm import engine
 from charlm.config import EvaluateConfig, ModelConfig, TrainConfig, VariantConfig

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_repo, run, strict_json
+from support import make_repo, run, strict_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import NAMES_SHA256, ROOT, run
+from support import NAMES_SHA256, ROOT, run
 
 from charlm.config import EvaluateConfig, ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, parse_names

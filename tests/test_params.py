@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run
+from support import ROOT, covered, dvc_stages, run
 
 from pipeline import params
 from pipeline.params import ParamsError, ParamsWarning
@@ -449,28 +449,6 @@ def test_unknown_variant_requested(tmp_path):
 # ----------------------------------------------------- declared params (dvc.yaml)
 
 
-def dvc_stages(root: Path = ROOT) -> dict[str, tuple[str, list[str]]]:
-    """Every stage of ``root``'s dvc.yaml, foreach expanded over its params.yaml:
-    name -> (module, declared params)."""
-    dvc = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
-    variants = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))["variants"]
-    out = {}
-    for name, stage in dvc["stages"].items():
-        if "foreach" in stage:
-            assert stage["foreach"] == "${variants}"
-            for key in variants:
-                body = yaml.safe_dump(stage["do"]).replace("${key}", key)
-                out[f"{name}@{key}"] = yaml.safe_load(body)
-        else:
-            out[name] = stage
-    result = {}
-    for name, stage in out.items():
-        module = re.search(r"python -m (pipeline\.stages\.\w+)", stage["cmd"]).group(1)
-        declared = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
-        result[name] = (module, declared)
-    return result
-
-
 STAGES = dvc_stages()
 
 
@@ -491,11 +469,6 @@ def test_load_hands_out_only_declared_keys(stage, monkeypatch):
     values = params.load(ROOT / "params.yaml", keys)
     assert set(values) == set(keys)
     assert params.HANDED_OUT and all(covered(k, declared) for k in params.HANDED_OUT)
-
-
-def covered(key: str, declared: list[str]) -> bool:
-    """Whether dvc tracks ``key`` through one of the ``declared`` params."""
-    return any(key == d or key.startswith(d + ".") for d in declared)
 
 
 def test_the_command_line_check_names_the_line_and_exits_1(tmp_path):

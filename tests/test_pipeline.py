@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, make_repo, run, strict_json
+from support import TINY, make_repo, run, strict_json
 
 pytestmark = pytest.mark.integration
 

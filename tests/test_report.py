@@ -4,23 +4,26 @@ Unit tests check the numbers and sentences the report is made of (the t quantile
 against the printed table, the paired t and bootstrap intervals, verdicts, the repeated
 names) and the HTML export. Integration tests
 run the tiny pipeline once in a repository copy, open the report in headless Chromium
-(Debian's ``chromium``, driven over the DevTools protocol), rerun the report stage and
-compare bytes, and feed it degenerate diagnostics.
+(Debian's ``chromium``, driven by Playwright), check that this check catches faults
+injected into a copy of it, rerun the report stage and compare bytes, and feed it
+degenerate diagnostics.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 import pytest
 import torch
-from conftest import TINY, deep_update, make_repo, run, strict_json
+from support import TINY, deep_update, make_repo, run, strict_json
 
 from charlm import artefacts
 from charlm.diagnostics import activation_summary
@@ -39,6 +42,12 @@ SECTIONS = (
 )  # fmt: skip
 # windows of 50 steps so that the 300-step tiny run draws lines, not single points
 TINY_REPORT = deep_update(TINY, {"evaluate": {"curve_window": 50}})
+# Offline and quiet: no background services, updates, first-run pages or GPU.
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps",
+    "--disable-extensions", "--mute-audio",
+]  # fmt: skip
 
 
 # ---- unit: statistics and sentences ---------------------------------------------------
@@ -162,32 +171,86 @@ def _require(ok: bool, msg: str) -> None:
         pytest.skip(msg)
 
 
+@dataclass
+class PageVisit:
+    """What loading one page in Chromium did (the page's file:// URL itself aside)."""
+
+    requests: list[str] = field(default_factory=list)  # other URLs asked for (all aborted)
+    console_errors: list[str] = field(default_factory=list)  # console.error, failed loads
+    page_errors: list[str] = field(default_factory=list)  # uncaught exceptions
+    images: list[dict] = field(default_factory=list)  # one entry per <img>, see IMAGES_JS
+    text: str = ""  # document.body.innerText
+
+
+IMAGES_JS = """Array.from(document.images).map(img => {
+  const r = img.getBoundingClientRect();
+  return {complete: img.complete, natural_w: img.naturalWidth, natural_h: img.naturalHeight,
+          w: r.width, h: r.height, src: img.src.slice(0, 40)};
+})"""
+
+
+def visit_page(chromium, page: Path) -> PageVisit:
+    """Open ``page`` in a fresh context of the Playwright browser ``chromium``.
+
+    Every request other than file:// is recorded and aborted, so nothing leaves the
+    machine; returns once the page has loaded, the network has been idle for 500 ms (late
+    requests and messages are caught) and every image is complete.
+    """
+    out = PageVisit()
+
+    def route(r) -> None:
+        if r.request.url.startswith("file:"):
+            r.continue_()
+        else:
+            out.requests.append(r.request.url)
+            r.abort()
+
+    def console(message) -> None:
+        if message.type in ("error", "assert"):
+            out.console_errors.append(message.text[:300])
+
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        context.route("**/*", route)
+        tab = context.new_page()
+        tab.on("console", console)
+        tab.on("pageerror", lambda e: out.page_errors.append(str(e)[:300]))
+        tab.goto(page.resolve().as_uri(), wait_until="load", timeout=60_000)
+        tab.wait_for_load_state("networkidle", timeout=60_000)
+        tab.wait_for_function("Array.from(document.images).every(i => i.complete)")
+        out.images = tab.evaluate(IMAGES_JS)
+        out.text = tab.inner_text("body")
+    finally:
+        context.close()
+    return out
+
+
 @pytest.fixture(scope="module")
 def browser():
-    """headless.visit, or a skip (a failure in CI) when Chromium or CDP is missing."""
-    try:
-        import websocket  # noqa: F401  (websocket-client)
-    except ImportError:
-        _require(False, "websocket-client is not installed")
-    import headless
+    """``visit(path) -> PageVisit`` in Debian's headless Chromium, driven by Playwright.
 
-    _require(
-        headless.chromium_binary() is not None,
-        "chromium not found: apt-get install chromium (Debian)",
-    )
-    return headless.visit
+    No browser is downloaded (no ``playwright install``): Playwright's bundled driver
+    launches the system ``chromium``, once per module. Missing Playwright or Chromium: a
+    skip, a failure in CI (.ci/run installs chromium).
+    """
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _require(False, "playwright is not installed (pip install -r requirements.txt)")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    _require(binary is not None, "chromium not found: apt-get install chromium (Debian)")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=binary, args=CHROMIUM_FLAGS)
+        try:
+            yield functools.partial(visit_page, chromium)
+        finally:
+            chromium.close()
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, names_path: Path):
+def tiny(tmp_path_factory, repo_env):
     """A repository copy after one tiny ``dvc repro``, with its environment."""
-    env = {
-        "NAMES_MIRROR": str(names_path),
-        "GIT_AUTHOR_NAME": "test",
-        "GIT_AUTHOR_EMAIL": "test@example.invalid",
-        "GIT_COMMITTER_NAME": "test",
-        "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    }
+    env = dict(repo_env)
     root = make_repo(tmp_path_factory.mktemp("report") / "repo", TINY_REPORT)
     run(["dvc", "repro"], cwd=root, env=env)
     return root, env
@@ -217,19 +280,26 @@ def render_cli(root: Path, eval_dir: Path, out: Path, check: bool = True):
     )
 
 
-def assert_complete_page(visit) -> None:
-    assert visit.loaded
+def page_problems(visit: PageVisit) -> list[str]:
+    """Everything that makes a page not self-contained or broken, one line each."""
+    out = [f"network request: {u}" for u in visit.requests]
+    out += [f"console error: {e}" for e in visit.console_errors]
+    out += [f"page error: {e}" for e in visit.page_errors]
+    for img in visit.images:
+        ok = img["complete"] and img["natural_w"] > 0 and img["natural_h"] > 0
+        if not (ok and img["w"] > 0 and img["h"] > 0):
+            out.append(f"broken image: {img}")
+        elif not img["src"].startswith("data:image/png;base64,"):
+            out.append(f"image not an inline PNG: {img}")
+    return out
+
+
+def assert_complete_page(visit: PageVisit) -> None:
+    assert page_problems(visit) == []
     for heading in SECTIONS:
         assert heading in visit.text, f"section {heading!r} missing"
     assert "Traceback" not in visit.text
     assert visit.images, "no figure at all"
-    for img in visit.images:
-        assert img["complete"] and img["natural_w"] > 0 and img["natural_h"] > 0, img
-        assert img["w"] > 0 and img["h"] > 0, img
-        assert img["src"].startswith("data:image/png;base64,"), img
-    assert visit.console_errors == []
-    remote = [u for u in visit.requests if not u.startswith(("file:", "data:"))]
-    assert remote == [], f"the page made network requests: {remote}"
 
 
 @pytest.mark.integration
@@ -254,17 +324,36 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     strict_json(root / "reports" / "metrics.json")
 
 
+# Faults injected into a copy of the real report, and the problem each must produce.
+INJECTED = {
+    "remote image": ('<img src="https://example.com/x.png">',
+                     ["network request: https://example.com/x.png", "broken image"]),
+    "remote stylesheet": ('<link rel="stylesheet" href="http://127.0.0.1:9/a.css">',
+                          ["network request: http://127.0.0.1:9/a.css"]),
+    "fetch": ('<script>fetch("https://example.com/data.json")</script>',
+              ["network request: https://example.com/data.json"]),
+    "console error": ('<script>console.error("boom")</script>', ["console error: boom"]),
+    "uncaught exception": ('<script>throw new Error("uncaught")</script>',
+                           ["page error: uncaught"]),
+    "broken inline image": ('<img src="data:image/png;base64,AAAA">', ["broken image"]),
+}  # fmt: skip
+
+
 @pytest.mark.integration
-def test_browser_check_sees_network_requests_and_console_errors(tmp_path, browser):
-    """The checker itself: a page that fetches and logs an error is caught."""
-    page = tmp_path / "bad.html"
-    page.write_text(
-        '<html><body><img src="http://127.0.0.1:9/x.png">'
-        '<script>console.error("boom")</script></body></html>'
-    )
+@pytest.mark.parametrize("fault", list(INJECTED))
+def test_browser_check_catches_a_fault_injected_into_the_report(fault, tiny, tmp_path, browser):
+    """The checker itself: the real report plus one fault fails for that fault's reason."""
+    root, _ = tiny
+    snippet, expected = INJECTED[fault]
+    page = tmp_path / "report.html"
+    text = (root / "reports" / "report.html").read_text(encoding="utf-8")
+    page.write_text(text.replace("</body>", snippet + "</body>", 1), encoding="utf-8")
     visit = browser(page)
-    assert "http://127.0.0.1:9/x.png" in visit.requests
-    assert any("boom" in e for e in visit.console_errors)
+    problems = page_problems(visit)
+    for want in expected:
+        assert any(p.startswith(want) for p in problems), (want, problems)
+    with pytest.raises(AssertionError):
+        assert_complete_page(visit)
 
 
 @pytest.mark.integration

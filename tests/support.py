@@ -1,0 +1,189 @@
+"""Helpers shared by the test modules: paths, tiny params, subprocesses, repository copies.
+
+A plain module, imported as ``from support import ...`` (pytest puts tests/ on sys.path),
+rather than fixtures in conftest.py: these are functions called with arguments, also at
+collection time (``dvc_stages()`` feeds ``parametrize``), and conftest.py is not meant to
+be imported (pytest loads it itself; importing it makes a second copy of the module).
+Fixtures built on these helpers live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_NAMES = ROOT.parent / "shared" / "data" / "names.txt"
+NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+
+# Parameters small enough for a whole pipeline run in seconds.
+TINY: dict[str, Any] = {
+    "train": {
+        "seeds": [2147483647, 1],
+        "max_steps": 300,
+        "lr_decay_step": 200,
+        "record_every": 100,
+    },
+    "evaluate": {"n_novelty": 50},
+}
+
+
+def strict_json(path: Path) -> dict:
+    """Parse JSON refusing NaN/Infinity tokens (invalid JSON DVC could not compare)."""
+
+    def reject(token: str):
+        raise AssertionError(f"{path}: non-finite token {token}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
+
+
+def names_file() -> Path | None:
+    """The real names.txt, absolute: $NAMES_MIRROR if set (a path), else the shared copy."""
+    env = os.environ.get("NAMES_MIRROR", "").removeprefix("file://")
+    for candidate in (Path(env) if env else None, SHARED_NAMES):
+        if candidate is not None and candidate.is_file():
+            return candidate.resolve()  # absolute: queued experiments run elsewhere
+    return None
+
+
+# A git identity for commits made by dvc (experiments) and by the tests in repo copies.
+GIT_ID = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    """Recursively merge ``changes`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def run(
+    cmd: list[str] | str,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
+    """Run a command with the venv's tools first on PATH; output captured as text."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=full_env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        shell=isinstance(cmd, str),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def make_repo(dest: Path, params: dict | None = None, names: Path | None = None) -> Path:
+    """Copy the tracked files of this repository to ``dest`` as a fresh git repo.
+
+    ``params`` is deep-merged into params.yaml before the first commit. The copy's
+    environment for dvc should set NAMES_MIRROR (see ``repo_env``).
+    """
+    files = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if not src.exists():  # deleted in the work tree but not yet committed
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    # untracked files the work tree has (new modules not yet committed)
+    for rel in (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    ):
+        if rel and (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    for stale in ("dvc.lock", "reports/metrics.json"):
+        (dest / stale).unlink(missing_ok=True)
+    shutil.rmtree(dest / "reports" / "curves", ignore_errors=True)
+    if params:
+        p = dest / "params.yaml"
+        p.write_text(
+            yaml.safe_dump(deep_update(yaml.safe_load(p.read_text()), params), sort_keys=False)
+        )
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        [
+            "git",
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.invalid",
+            "commit",
+            "-qm",
+            "test copy",
+        ],
+    ):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+# ---- the stages and params declared in dvc.yaml
+
+
+def dvc_stages(root: Path = ROOT) -> dict[str, tuple[str, list[str]]]:
+    """Every stage of ``root``'s dvc.yaml, foreach expanded over its params.yaml:
+    name -> (module, declared params)."""
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    variants = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))["variants"]
+    out = {}
+    for name, stage in dvc["stages"].items():
+        if "foreach" in stage:
+            assert stage["foreach"] == "${variants}"
+            for key in variants:
+                body = yaml.safe_dump(stage["do"]).replace("${key}", key)
+                out[f"{name}@{key}"] = yaml.safe_load(body)
+        else:
+            out[name] = stage
+    result = {}
+    for name, stage in out.items():
+        module = re.search(r"python -m (pipeline\.stages\.\w+)", stage["cmd"]).group(1)
+        declared = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+        result[name] = (module, declared)
+    return result
+
+
+def covered(key: str, declared: list[str]) -> bool:
+    """Whether dvc tracks ``key`` through one of the ``declared`` params."""
+    return any(key == d or key.startswith(d + ".") for d in declared)
