@@ -27,7 +27,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import ROOT, TINY, make_repo, run
+from support import ROOT, TINY, make_repo, run
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from IPython.core.inputtransformer2 import TransformerManager
