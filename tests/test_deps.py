@@ -27,10 +27,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from support import ROOT, TINY, make_repo, run
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from IPython.core.inputtransformer2 import TransformerManager
+from support import ROOT, TINY, make_repo, run
 
 from charlm.cpus import available_cpus
 from pipeline.stages import report
