@@ -192,7 +192,7 @@ def build_mlp(
         model_cfg.n_hidden,
         n_models=len(generators),
         batchnorm=variant.batchnorm,
-        momentum=variant.momentum,
+        momentum=variant.momentum_value,
     )
     draws = [
         draw_initial_parameters(model_cfg, variant, vocab_size, block_size, g) for g in generators

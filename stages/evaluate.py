@@ -41,7 +41,7 @@ def load_model(checkpoint: dict, which: str = "state_dict") -> MLP:
         model_cfg.n_hidden,
         n_models=len(checkpoint["seeds"]),
         batchnorm=variant.batchnorm,
-        momentum=variant.momentum,
+        momentum=variant.momentum_value,
     )
     model.load_state_dict(checkpoint[which])
     return model

@@ -112,11 +112,15 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _check_batchnorm_batch(self) -> Params:
         for name, v in self.variants.items():
-            if v.batchnorm and self.train.batch_size < 2:
+            try:  # the variant's train overrides, merged over the global section
+                train = v.train_config(self.train)
+            except (ValueError, FieldError) as e:
+                raise FieldError(f"variants.{name}.train", f"variants.{name}.train: {e}") from e
+            if (v.batchnorm or v.batchnorm_output) and train.batch_size < 2:
                 raise FieldError(
                     "train.batch_size",
                     f"variants.{name} uses BatchNorm, which needs train.batch_size >= 2 "
-                    f"(got {self.train.batch_size})",
+                    f"(got {train.batch_size})",
                 )
         return self
 

@@ -28,7 +28,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from charlm.config import NONLINEARITIES, VariantConfig
+import torch
+
+from charlm.config import NONLINEARITIES
 from stages import io
 
 PARAMS_FILE = "params.yaml"
@@ -119,7 +121,7 @@ def numeric(key: str, value: Any) -> float | None:
         except ValueError:
             pass
         if key.endswith(".gain") and value in NONLINEARITIES:
-            return VariantConfig(gain=value).gain_value
+            return float(torch.nn.init.calculate_gain(value))  # old runs named the gain
     return None
 
 
