@@ -77,6 +77,8 @@ from dataclasses import dataclass, field
 import torch
 
 from charlm.config import TrainConfig
+from charlm.deep_step import DeepStep
+from charlm.layers import DeepMLP
 from charlm.model import MLP
 
 CHUNK = 1000  # steps of minibatch indices drawn at once per generator
@@ -98,8 +100,16 @@ class TrainResult:
         diverged_at: per model, the first step whose loss was not finite, or None.
         record_steps: int64 (R,), the steps at which ``update_ratio`` was recorded.
         update_ratio: name -> float32 (R, S), log10(std(lr * grad) / std(param)) of
-            each weight matrix at those steps (makemore part 3's update:data ratio).
+            each weight matrix at those steps (makemore part 3's update:data ratio):
+            C, W1, W2 for the one-layer MLP; C and every ``layers.i.weight`` if deep.
         seconds: wall time of the training loop in seconds.
+        captures: step -> snapshot of that step (deep models, ``capture_steps``):
+            'out' and 'out_grad', hidden layer index -> float32 (S, B, H), each hidden
+            nonlinearity's output in that step's forward pass and the loss gradient at
+            it (the lecture's ``layer.out`` and ``layer.out.grad``); 'grad', parameter
+            name -> (S, ...), that step's gradient; 'param', name -> (S, ...), the
+            parameters after that step's update (the lecture's grad:data ratio divides
+            by their std).
     """
 
     loss: torch.Tensor
@@ -107,6 +117,7 @@ class TrainResult:
     record_steps: torch.Tensor
     update_ratio: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    captures: dict[int, dict[str, dict]] = field(default_factory=dict)
 
 
 def _round_up(n: int, m: int = PAD) -> int:
@@ -422,8 +433,11 @@ class _Group:
         lr_scale: float,
         losses: torch.Tensor,
         ratios: dict[str, torch.Tensor],
+        capture_steps: frozenset[int] = frozenset(),
     ):
-        self.step = _Step(model, B, seeds)
+        # one-layer models keep their bitwise-lecture fast path; deep ones are composed
+        # from per-layer ops (charlm/deep_step.py)
+        self.step = _Step(model, B, seeds) if isinstance(model, MLP) else DeepStep(model, B, seeds)
         self.step.load(model)
         self.generators = generators[seeds]
         self.X, self.Y, self.cfg, self.lr_scale = X, Y, cfg, lr_scale
@@ -432,6 +446,7 @@ class _Group:
         self.nll = torch.empty(CHUNK, S, B, 1, device=X.device, dtype=self.step.dtype)
         self.nll_steps = self.nll.unbind(0)
         self.offset = model.vocab_size * torch.arange(S, device=X.device).view(1, S, 1, 1)
+        self.capture_steps, self.captures = capture_steps, {}
 
     def run(self, start: int, k: int) -> None:
         """Steps ``start`` to ``start + k - 1``: draw their indices, train, record."""
@@ -450,11 +465,15 @@ class _Group:
             for j in range(k):
                 i = start + j
                 step.step(flat[j], tgt3[j], tgt_flat[j], nll[j])
+                if i in self.capture_steps:
+                    self.captures[i] = step.capture()
                 step.scale_grads_(cfg.lr_at(i, self.lr_scale))
                 if i % cfg.record_every == 0:
                     for w, r in self.ratios.items():
                         r[i // cfg.record_every] = _update_ratio(p[w], g[w])
                 step.P.add_(step.G)
+                if i in self.capture_steps:
+                    self.captures[i]["param"] = {n: t.clone() for n, t in p.items()}
             self.losses[start : start + k] = -nll_mean(self.nll[:k].squeeze(3))
 
 
@@ -467,7 +486,7 @@ def seed_groups(S: int, workers: int, max_group: int = MAX_GROUP) -> list[slice]
 
 
 def train(
-    model: MLP,
+    model: MLP | DeepMLP,
     X: torch.Tensor,
     Y: torch.Tensor,
     generators: list[torch.Generator],
@@ -475,6 +494,7 @@ def train(
     lr_scale: float = 1.0,
     progress: Callable[[int, torch.Tensor], None] | None = None,
     workers: int | None = None,
+    capture_steps: tuple[int, ...] = (),
 ) -> TrainResult:
     """Train ``model`` (S models) in place with minibatch SGD, as in makemore part 3.
 
@@ -490,29 +510,38 @@ def train(
             ops (see the module docstring); default ``torch.get_num_threads()``. While
             training on the CPU, torch's intra-op thread count is set to 1 and then
             restored. Ignored on CUDA (one group, one thread).
+        capture_steps: 0-based steps whose forward/backward pass is kept in
+            ``TrainResult.captures`` (deep models only), e.g. ``(1000, max_steps - 1)``
+            for the lecture's snapshot after 1,001 steps and the end of training.
 
     Returns:
         TrainResult; models whose loss became non-finite keep running harmlessly on
         NaNs and are reported in ``diverged_at``.
 
     Raises:
-        ValueError: on mismatched sizes, or a BatchNorm model with batch_size < 2.
+        ValueError: on mismatched sizes, a BatchNorm model with batch_size < 2, or
+            ``capture_steps`` for a one-layer model.
     """
     S = model.n_models
+    deep = isinstance(model, DeepMLP)
     if len(generators) != S:
         raise ValueError(f"{len(generators)} generators for {S} models")
-    if model.bn is not None and cfg.batch_size < 2:
+    if (model.has_batchnorm if deep else model.bn is not None) and cfg.batch_size < 2:
         raise ValueError("BatchNorm needs batch_size >= 2 (the unbiased std divides by B - 1)")
+    if capture_steps and not deep:
+        raise ValueError("capture_steps is implemented for deep models only")
     device = model.C.device
     cpu = device.type == "cpu"
     workers = (workers or torch.get_num_threads()) if cpu else 1
     X, Y = X.to(device), Y.to(device)
     losses = torch.empty(cfg.max_steps, S, device=device)
     record_steps = list(range(0, cfg.max_steps, cfg.record_every))
-    ratios = {w: torch.empty(len(record_steps), S, device=device) for w in WEIGHTS}
+    weights = model.weight_names if deep else WEIGHTS
+    ratios = {w: torch.empty(len(record_steps), S, device=device) for w in weights}
     slices = seed_groups(S, workers) if cpu else [slice(0, S)]
+    cap = frozenset(capture_steps)
     groups = [
-        _Group(model, cfg.batch_size, sl, generators, X, Y, cfg, lr_scale, losses, ratios)
+        _Group(model, cfg.batch_size, sl, generators, X, Y, cfg, lr_scale, losses, ratios, cap)
         for sl in slices
     ]
     threads = torch.get_num_threads()
@@ -537,6 +566,9 @@ def train(
     seconds = time.perf_counter() - t0
     for group in groups:
         group.step.store(model)
+    captures = {
+        i: _concat([g.captures[i] for g in groups]) for i in sorted(cap) if i < cfg.max_steps
+    }
     losses = losses.cpu()
     finite = torch.isfinite(losses)
     diverged_at = [
@@ -548,7 +580,15 @@ def train(
         record_steps=torch.tensor(record_steps, dtype=torch.int64),
         update_ratio={w: v.cpu() for w, v in ratios.items()},
         seconds=seconds,
+        captures=captures,
     )
+
+
+def _concat(parts: list[dict]) -> dict:
+    """Nested dicts of (S_group, ...) tensors, one per seed group -> (S, ...) on the CPU."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts).cpu()
+    return {k: _concat([p[k] for p in parts]) for k in parts[0]}
 
 
 def resolve_device(name: str) -> torch.device:

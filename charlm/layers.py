@@ -144,6 +144,12 @@ class DeepMLP(nn.Module):
         kinds = tuple(NONLINEARITY.values())
         return [i for i, m in enumerate(self.layers) if isinstance(m, kinds)]
 
+    @property
+    def weight_names(self) -> list[str]:
+        """C and every Linear weight: the matrices of the update:data ratio."""
+        linear = [f"layers.{i}.weight" for i, m in enumerate(self.layers) if isinstance(m, Linear)]
+        return ["C", *linear]
+
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Concatenated embeddings: idx (S, B, T) int64 -> embcat (S, B, T*E)."""
         S, B, _ = idx.shape
