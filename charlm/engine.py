@@ -381,12 +381,13 @@ class _Step:
 
 
 def forward_backward(
-    model: MLP, idx: torch.Tensor, targets: torch.Tensor, grads: dict[str, torch.Tensor]
+    model: MLP | DeepMLP, idx: torch.Tensor, targets: torch.Tensor, grads: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """One training-mode forward and hand-written backward pass for all S models.
 
     Args:
-        model: the models; in-place updates its BatchNorm running buffers.
+        model: the models (one-layer ``MLP`` or ``DeepMLP``); in-place updates their
+            BatchNorm running buffers.
         idx: int64 (S, B, T) contexts; targets: int64 (S, B) next characters.
         grads: name -> tensor of the parameter's shape, overwritten with dloss/dparam
             where loss is each model's own mean cross-entropy.
@@ -394,11 +395,13 @@ def forward_backward(
     Returns:
         float32 (S,), each model's mean cross-entropy on its minibatch, in nats.
 
-    Every value is bitwise what autograd gives for the lecture's code (see the module
-    docstring). ``train`` runs the same step on persistent buffers.
+    For ``MLP`` every value is bitwise what autograd gives for the lecture's code (see
+    the module docstring); for ``DeepMLP`` equal up to float32 rounding
+    (charlm/deep_step.py). ``train`` runs the same step on persistent buffers.
     """
     S, B, _ = idx.shape
-    step = _Step(model, B)
+    deep = isinstance(model, DeepMLP)
+    step = DeepStep(model, B) if deep else _Step(model, B)
     step.load(model)
     flat = (idx + model.vocab_size * torch.arange(S, device=idx.device).view(S, 1, 1)).view(-1)
     nll = torch.empty(S, B, 1, device=idx.device, dtype=step.dtype)
@@ -406,7 +409,9 @@ def forward_backward(
         step.step(flat, targets.unsqueeze(2), targets.reshape(-1), nll)
         for name, g in step.unpadded(step.G).items():
             grads[name].copy_(g)
-        if step.bn:
+        if deep:
+            step.store(model)  # parameters unchanged; running buffers updated
+        elif step.bn:
             model.bn.running_mean.copy_(step.running[0])
             model.bn.running_std.copy_(step.running[1])
     return -nll_mean(nll.squeeze(2))
