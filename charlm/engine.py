@@ -100,7 +100,8 @@ class TrainResult:
         diverged_at: per model, the first step whose loss was not finite, or None.
         record_steps: int64 (R,), the steps at which ``update_ratio`` was recorded.
         update_ratio: name -> float32 (R, S), log10(std(lr * grad) / std(param)) of
-            each weight matrix at those steps (makemore part 3's update:data ratio):
+            each weight matrix at those steps, param taken after that step's update
+            (makemore part 3's ``ud``, computed after ``p.data += -lr * p.grad``):
             C, W1, W2 for the one-layer MLP; C and every ``layers.i.weight`` if deep.
         seconds: wall time of the training loop in seconds.
         captures: step -> snapshot of that step (deep models, ``capture_steps``):
@@ -473,10 +474,10 @@ class _Group:
                 if i in self.capture_steps:
                     self.captures[i] = step.capture()
                 step.scale_grads_(cfg.lr_at(i, self.lr_scale))
-                if i % cfg.record_every == 0:
+                step.P.add_(step.G)
+                if i % cfg.record_every == 0:  # the lecture's ud: std of the updated weight
                     for w, r in self.ratios.items():
                         r[i // cfg.record_every] = _update_ratio(p[w], g[w])
-                step.P.add_(step.G)
                 if i in self.capture_steps:
                     self.captures[i]["param"] = {n: t.clone() for n, t in p.items()}
             self.losses[start : start + k] = -nll_mean(self.nll[:k].squeeze(3))

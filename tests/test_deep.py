@@ -194,6 +194,37 @@ def test_seed_trains_alike_alone_and_inside_a_batch():
     }
 
 
+# ---------------------------------------------- engine vs the lecture's loop
+
+
+@pytest.mark.parametrize("batchnorm", [True, False], ids=["deep_bn", "deep_tanh"])
+def test_engine_follows_the_lecture_loop(batchnorm, splits):
+    """Not bitwise (charlm/deep_step.py: closed-form BatchNorm backward, sigmoid tanh,
+    float32 variance) but within float32 rounding after 300 steps, and so is the
+    recorded update:data ratio (the lecture's ``ud``, after the update)."""
+    X, Y = splits["train"]
+    steps = 300
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = lecture_deep_train(X, Y, steps, batchnorm=batchnorm, seed=SEED)
+    finally:
+        torch.set_num_threads(threads)
+    model, gens = build(DEEP_BN if batchnorm else DEEP_TANH, [SEED])
+    cfg = TrainConfig(seeds=[SEED], max_steps=steps, lr_decay_step=steps, record_every=100)
+    result = engine.train(model, X, Y, gens, cfg)
+    assert_close(result.loss[:, 0], ref["loss"], rtol=0, atol=1e-5)
+    for name, p in model.named_parameters():
+        assert_close(p[0].detach(), ref["params"][name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, b in model.named_buffers():
+        assert_close(b[0], ref["buffers"][name], rtol=1e-5, atol=1e-6, msg=name)
+    names = list(ref["params"])
+    assert list(result.update_ratio) == model.weight_names
+    for w, r in result.update_ratio.items():
+        ud = torch.tensor([ref["ud"][i][names.index(w)] for i in result.record_steps.tolist()])
+        assert_close(r[:, 0], ud, rtol=0, atol=1e-4, msg=w)
+
+
 # -------------------------------------------------- fidelity: the lecture's figures
 
 
