@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Names accepted by torch.nn.init.calculate_gain without an extra parameter.
+# Names accepted by torch.nn.init.calculate_gain without an extra parameter (old runs
+# wrote a gain as such a name; the sweep report still reads them).
 NONLINEARITIES = (
     "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
     "conv_transpose3d", "sigmoid", "tanh", "relu", "selu",
@@ -51,53 +52,115 @@ class ModelConfig(_Strict):
 
 
 class VariantConfig(_Strict):
-    """How one variant initialises and normalises its hidden layer.
+    """How one variant builds, initialises and normalises its network.
 
-    Draw order and scales follow DESIGN.md ("init"): every tensor is drawn N(0, 1) from
-    the seed's generator, then multiplied by its scale. W1's scale is ``w1_scale`` when
-    ``w1_init == 'normal'`` and ``gain / sqrt(fan_in)`` when ``w1_init == 'kaiming'``
-    (He et al. 2015, "Delving Deep into Rectifiers", eq. 10, with the gain of
-    ``torch.nn.init.calculate_gain``). With ``batchnorm`` the hidden bias b1 is neither
-    drawn nor used; BatchNorm's gain starts at 1 and its bias at 0.
+    Two forms, chosen by ``deep`` (default: ``layers > 1``):
+
+    - the one-hidden-layer network of makemore part 3's first half (``deep`` false):
+      C, W1, b1, W2, b2 drawn N(0, 1) from the seed's generator in that order, then
+      scaled (DESIGN.md, "init"). W1's scale is ``w1_scale`` when ``w1_init == 'normal'``
+      and ``gain / sqrt(fan_in)`` when ``w1_init == 'kaiming'`` (He et al. 2015,
+      "Delving Deep into Rectifiers", eq. 10). With ``batchnorm`` b1 is neither drawn
+      nor used and the lecture's first BatchNorm normalises the pre-activations:
+      ``gain * (h - mean) / std + bias`` with the unbiased std, no eps, running *std*,
+      ``momentum`` 0.001 by default (``charlm.model.BatchNorm1d``).
+    - the stacked network of its second half (``deep`` true, "PyTorch-ifying"): ``layers``
+      hidden blocks Linear -> [BatchNorm] -> nonlinearity, then an output Linear ->
+      [BatchNorm if ``batchnorm_output``]. Every Linear weight is
+      ``randn(fan_in, fan_out) / sqrt(fan_in)``; a Linear followed by BatchNorm has no
+      bias, the others a zero bias (never drawn). Then the last layer is made less
+      confident (its BatchNorm's gamma, or the output weight, times ``last_scale``) and
+      every other Linear weight is multiplied by ``gain`` (lecture order). Its BatchNorm
+      is PyTorch's form, ``gamma * (x - mean) / sqrt(var + eps) + beta``, with running
+      mean and *variance*, ``momentum`` 0.1 and ``eps`` 1e-5 by default; unlike
+      ``torch.nn.BatchNorm1d`` it normalises by the unbiased batch variance, as the
+      lecture does (``charlm.layers.BatchNorm1d``).
+
+    ``gain`` null means ``torch.nn.init.calculate_gain(nonlinearity)``: 5/3 for tanh,
+    sqrt(2) for relu, 1 for linear. ``train`` overrides keys of the global ``train``
+    section for this variant only (``train_config``).
     """
 
+    deep: bool | None = None
+    layers: int = Field(1, ge=1)
+    n_hidden: int | None = Field(None, ge=1)
+    nonlinearity: Literal["tanh", "relu", "linear"] = "tanh"
     w1_init: Literal["normal", "kaiming"] = "kaiming"
-    gain: float | str = "tanh"
+    gain: float | None = None
     w1_scale: float = Field(1.0, ge=0.0)
     b1_scale: float = Field(0.01, ge=0.0)
     w2_scale: float = Field(0.01, ge=0.0)
     b2_scale: float = Field(0.0, ge=0.0)
+    last_scale: float = Field(0.1, ge=0.0)
     batchnorm: bool = False
-    momentum: float = Field(0.001, gt=0.0, le=1.0)
+    batchnorm_output: bool = False
+    momentum: float | None = Field(None, gt=0.0, le=1.0)
+    eps: float | None = Field(None, ge=0.0)
     lr_scale: float = Field(1.0, gt=0.0)
+    train: dict[str, Any] | None = None
 
     @field_validator("gain", mode="before")
     @classmethod
     def _check_gain(cls, v: object) -> object:
         # before the union's own validation, so that a bad gain gives one clear error
-        names = ", ".join(NONLINEARITIES)
+        if v is None:
+            return v
         if isinstance(v, str):
-            if v not in NONLINEARITIES:
-                raise ValueError(f"gain must be a number > 0 or one of {names}; got {v!r}")
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(
-                f"gain must be a number > 0 or one of {names}; got {v!r} ({type(v).__name__})"
+                f"gain must be a number > 0 or null (null: calculate_gain(nonlinearity), "
+                f"e.g. 5/3 for tanh); got the string {v!r}: write null instead of a name"
             )
-        elif not (v > 0 and math.isfinite(v)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"gain must be a number > 0 or null; got {v!r} ({type(v).__name__})")
+        if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"gain must be a finite number > 0, got {v}")
+        return float(v)
+
+    @field_validator("train")
+    @classmethod
+    def _check_train_keys(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            unknown = sorted(set(v) - set(TrainConfig.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown train key(s) {unknown}; known: {list(TrainConfig.model_fields)}"
+                )
         return v
+
+    @property
+    def is_deep(self) -> bool:
+        """True for the stacked form (``deep``, default ``layers > 1``)."""
+        return self.layers > 1 if self.deep is None else self.deep
 
     @model_validator(mode="after")
     def _check_unused(self) -> VariantConfig:
         unused = []
-        if self.w1_init == "kaiming" and "w1_scale" in self.model_fields_set:
-            unused.append("w1_scale (used only when w1_init is 'normal'; set gain instead)")
-        if self.w1_init == "normal" and "gain" in self.model_fields_set:
-            unused.append("gain (used only when w1_init is 'kaiming'; set w1_scale instead)")
-        if self.batchnorm and "b1_scale" in self.model_fields_set:
-            unused.append("b1_scale (a BatchNorm variant has no b1)")
-        if not self.batchnorm and "momentum" in self.model_fields_set:
-            unused.append("momentum (used only when batchnorm is true)")
+        given = self.model_fields_set
+        bn = self.batchnorm or self.batchnorm_output
+        if self.is_deep:
+            for key in ("w1_init", "w1_scale", "b1_scale", "w2_scale", "b2_scale"):
+                if key in given:
+                    unused.append(
+                        f"{key} (one-layer form only; a deep variant uses gain and last_scale)"
+                    )
+        else:
+            if self.layers > 1:
+                unused.append("layers (more than 1 needs the deep form; drop deep: false)")
+            for key in ("last_scale", "batchnorm_output", "eps"):
+                if key in given:
+                    unused.append(f"{key} (deep form only; set deep: true)")
+            if self.nonlinearity != "tanh":
+                unused.append("nonlinearity (the one-layer form is tanh only; set deep: true)")
+            if self.w1_init == "kaiming" and "w1_scale" in given:
+                unused.append("w1_scale (used only when w1_init is 'normal'; set gain instead)")
+            if self.w1_init == "normal" and "gain" in given:
+                unused.append("gain (used only when w1_init is 'kaiming'; set w1_scale instead)")
+            if self.batchnorm and "b1_scale" in given:
+                unused.append("b1_scale (a BatchNorm variant has no b1)")
+        if not bn:
+            for key in ("momentum", "eps"):
+                if key in given and not any(u.startswith(key) for u in unused):
+                    unused.append(f"{key} (used only with BatchNorm)")
         if unused:
             raise FieldError(
                 unused[0].split()[0],
@@ -108,13 +171,14 @@ class VariantConfig(_Strict):
     def advice(self) -> list[tuple[str, str]]:
         """Settings that are valid but almost surely not meant: (field, message) pairs.
 
-        ``momentum`` above 0.5: BatchNorm1d here follows PyTorch's convention,
+        ``momentum`` above 0.5: BatchNorm here follows PyTorch's convention,
         running = (1 - momentum) * running + momentum * batch, where the lecture's
-        update is momentum = 0.001; Keras writes the same update as momentum = 0.999.
+        update is momentum = 0.001 (one layer) or 0.1 (deep); Keras writes the former as
+        momentum = 0.999.
         """
         out = []
-        m = self.momentum
-        if self.batchnorm and m > MOMENTUM_WARN:
+        m = self.momentum_value
+        if (self.batchnorm or self.batchnorm_output) and m > MOMENTUM_WARN:
             meant = f"{m} meant as {1 - m:.6g}" if m < 1 else "1 would mean no update at all"
             out.append(
                 (
@@ -129,10 +193,37 @@ class VariantConfig(_Strict):
 
     @property
     def gain_value(self) -> float:
-        """The gain as a number: ``calculate_gain(name)`` for a name (tanh -> 5/3)."""
-        if isinstance(self.gain, str):
-            return float(torch.nn.init.calculate_gain(self.gain))
+        """The gain as a number: ``gain``, or ``calculate_gain(nonlinearity)`` for null."""
+        if self.gain is None:
+            return float(torch.nn.init.calculate_gain(self.nonlinearity))
         return float(self.gain)
+
+    @property
+    def momentum_value(self) -> float:
+        """BatchNorm momentum (PyTorch convention): ``momentum``, else 0.1 deep / 0.001."""
+        if self.momentum is not None:
+            return self.momentum
+        return 0.1 if self.is_deep else 0.001
+
+    @property
+    def eps_value(self) -> float:
+        """The deep BatchNorm's eps under the square root: ``eps``, else 1e-5."""
+        return 1e-5 if self.eps is None else self.eps
+
+    def hidden_size(self, model: ModelConfig) -> int:
+        """Units per hidden layer: the variant's ``n_hidden``, else ``model.n_hidden``."""
+        return model.n_hidden if self.n_hidden is None else self.n_hidden
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """``base`` with this variant's ``train`` overrides; validated by TrainConfig.
+
+        Raises:
+            pydantic.ValidationError or FieldError: an override of the wrong type or
+            out of range (e.g. ``lr_decay_step`` beyond ``max_steps``).
+        """
+        if not self.train:
+            return base
+        return TrainConfig.model_validate({**base.model_dump(), **self.train})
 
 
 class TrainConfig(_Strict):
@@ -306,10 +397,14 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _check_batchnorm_batch(self) -> Params:
         for name, v in self.variants.items():
-            if v.batchnorm and self.train.batch_size < 2:
+            try:  # the variant's train overrides, merged over the global section
+                train = v.train_config(self.train)
+            except (ValueError, FieldError) as e:
+                raise FieldError(f"variants.{name}.train", f"variants.{name}.train: {e}") from e
+            if (v.batchnorm or v.batchnorm_output) and train.batch_size < 2:
                 raise FieldError(
                     "train.batch_size",
                     f"variants.{name} uses BatchNorm, which needs train.batch_size >= 2 "
-                    f"(got {self.train.batch_size})",
+                    f"(got {train.batch_size})",
                 )
         return self

@@ -78,6 +78,8 @@ import torch
 
 from charlm.config import TrainConfig
 from charlm.cpus import available_cpus
+from charlm.deep_step import DeepStep
+from charlm.layers import DeepMLP
 from charlm.model import MLP
 
 CHUNK = 1000  # steps of minibatch indices drawn at once per generator
@@ -99,8 +101,17 @@ class TrainResult:
         diverged_at: per model, the first step whose loss was not finite, or None.
         record_steps: int64 (R,), the steps at which ``update_ratio`` was recorded.
         update_ratio: name -> float32 (R, S), log10(std(lr * grad) / std(param)) of
-            each weight matrix at those steps (makemore part 3's update:data ratio).
+            each weight matrix at those steps, param taken after that step's update
+            (makemore part 3's ``ud``, computed after ``p.data += -lr * p.grad``):
+            C, W1, W2 for the one-layer MLP; C and every ``layers.i.weight`` if deep.
         seconds: wall time of the training loop in seconds.
+        captures: step -> snapshot of that step (deep models, ``capture_steps``):
+            'out' and 'out_grad', hidden layer index -> float32 (S, B, H), each hidden
+            nonlinearity's output in that step's forward pass and the loss gradient at
+            it (the lecture's ``layer.out`` and ``layer.out.grad``); 'grad', parameter
+            name -> (S, ...), that step's gradient; 'param', name -> (S, ...), the
+            parameters after that step's update (the lecture's grad:data ratio divides
+            by their std).
     """
 
     loss: torch.Tensor
@@ -108,6 +119,7 @@ class TrainResult:
     record_steps: torch.Tensor
     update_ratio: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    captures: dict[int, dict[str, dict]] = field(default_factory=dict)
 
 
 def _round_up(n: int, m: int = PAD) -> int:
@@ -371,12 +383,13 @@ class _Step:
 
 
 def forward_backward(
-    model: MLP, idx: torch.Tensor, targets: torch.Tensor, grads: dict[str, torch.Tensor]
+    model: MLP | DeepMLP, idx: torch.Tensor, targets: torch.Tensor, grads: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """One training-mode forward and hand-written backward pass for all S models.
 
     Args:
-        model: the models; in-place updates its BatchNorm running buffers.
+        model: the models (one-layer ``MLP`` or ``DeepMLP``); in-place updates their
+            BatchNorm running buffers.
         idx: int64 (S, B, T) contexts; targets: int64 (S, B) next characters.
         grads: name -> tensor of the parameter's shape, overwritten with dloss/dparam
             where loss is each model's own mean cross-entropy.
@@ -384,11 +397,13 @@ def forward_backward(
     Returns:
         float32 (S,), each model's mean cross-entropy on its minibatch, in nats.
 
-    Every value is bitwise what autograd gives for the lecture's code (see the module
-    docstring). ``train`` runs the same step on persistent buffers.
+    For ``MLP`` every value is bitwise what autograd gives for the lecture's code (see
+    the module docstring); for ``DeepMLP`` equal up to float32 rounding
+    (charlm/deep_step.py). ``train`` runs the same step on persistent buffers.
     """
     S, B, _ = idx.shape
-    step = _Step(model, B)
+    deep = isinstance(model, DeepMLP)
+    step = DeepStep(model, B) if deep else _Step(model, B)
     step.load(model)
     flat = (idx + model.vocab_size * torch.arange(S, device=idx.device).view(S, 1, 1)).view(-1)
     nll = torch.empty(S, B, 1, device=idx.device, dtype=step.dtype)
@@ -396,7 +411,9 @@ def forward_backward(
         step.step(flat, targets.unsqueeze(2), targets.reshape(-1), nll)
         for name, g in step.unpadded(step.G).items():
             grads[name].copy_(g)
-        if step.bn:
+        if deep:
+            step.store(model)  # parameters unchanged; running buffers updated
+        elif step.bn:
             model.bn.running_mean.copy_(step.running[0])
             model.bn.running_std.copy_(step.running[1])
     return -nll_mean(nll.squeeze(2))
@@ -423,8 +440,11 @@ class _Group:
         lr_scale: float,
         losses: torch.Tensor,
         ratios: dict[str, torch.Tensor],
+        capture_steps: frozenset[int] = frozenset(),
     ):
-        self.step = _Step(model, B, seeds)
+        # one-layer models keep their bitwise-lecture fast path; deep ones are composed
+        # from per-layer ops (charlm/deep_step.py)
+        self.step = _Step(model, B, seeds) if isinstance(model, MLP) else DeepStep(model, B, seeds)
         self.step.load(model)
         self.generators = generators[seeds]
         self.X, self.Y, self.cfg, self.lr_scale = X, Y, cfg, lr_scale
@@ -433,6 +453,7 @@ class _Group:
         self.nll = torch.empty(CHUNK, S, B, 1, device=X.device, dtype=self.step.dtype)
         self.nll_steps = self.nll.unbind(0)
         self.offset = model.vocab_size * torch.arange(S, device=X.device).view(1, S, 1, 1)
+        self.capture_steps, self.captures = capture_steps, {}
 
     def run(self, start: int, k: int) -> None:
         """Steps ``start`` to ``start + k - 1``: draw their indices, train, record."""
@@ -451,11 +472,15 @@ class _Group:
             for j in range(k):
                 i = start + j
                 step.step(flat[j], tgt3[j], tgt_flat[j], nll[j])
+                if i in self.capture_steps:
+                    self.captures[i] = step.capture()
                 step.scale_grads_(cfg.lr_at(i, self.lr_scale))
-                if i % cfg.record_every == 0:
+                step.P.add_(step.G)
+                if i % cfg.record_every == 0:  # the lecture's ud: std of the updated weight
                     for w, r in self.ratios.items():
                         r[i // cfg.record_every] = _update_ratio(p[w], g[w])
-                step.P.add_(step.G)
+                if i in self.capture_steps:
+                    self.captures[i]["param"] = {n: t.clone() for n, t in p.items()}
             self.losses[start : start + k] = -nll_mean(self.nll[:k].squeeze(3))
 
 
@@ -468,7 +493,7 @@ def seed_groups(S: int, workers: int, max_group: int = MAX_GROUP) -> list[slice]
 
 
 def train(
-    model: MLP,
+    model: MLP | DeepMLP,
     X: torch.Tensor,
     Y: torch.Tensor,
     generators: list[torch.Generator],
@@ -476,6 +501,7 @@ def train(
     lr_scale: float = 1.0,
     progress: Callable[[int, torch.Tensor], None] | None = None,
     workers: int | None = None,
+    capture_steps: tuple[int, ...] = (),
 ) -> TrainResult:
     """Train ``model`` (S models) in place with minibatch SGD, as in makemore part 3.
 
@@ -491,29 +517,38 @@ def train(
             ops (see the module docstring); default ``charlm.cpus.available_cpus()``. While
             training on the CPU, torch's intra-op thread count is set to 1 and then
             restored. Ignored on CUDA (one group, one thread).
+        capture_steps: 0-based steps whose forward/backward pass is kept in
+            ``TrainResult.captures`` (deep models only), e.g. ``(1000, max_steps - 1)``
+            for the lecture's snapshot after 1,001 steps and the end of training.
 
     Returns:
         TrainResult; models whose loss became non-finite keep running harmlessly on
         NaNs and are reported in ``diverged_at``.
 
     Raises:
-        ValueError: on mismatched sizes, or a BatchNorm model with batch_size < 2.
+        ValueError: on mismatched sizes, a BatchNorm model with batch_size < 2, or
+            ``capture_steps`` for a one-layer model.
     """
     S = model.n_models
+    deep = isinstance(model, DeepMLP)
     if len(generators) != S:
         raise ValueError(f"{len(generators)} generators for {S} models")
-    if model.bn is not None and cfg.batch_size < 2:
+    if (model.has_batchnorm if deep else model.bn is not None) and cfg.batch_size < 2:
         raise ValueError("BatchNorm needs batch_size >= 2 (the unbiased std divides by B - 1)")
+    if capture_steps and not deep:
+        raise ValueError("capture_steps is implemented for deep models only")
     device = model.C.device
     cpu = device.type == "cpu"
     workers = (workers or available_cpus()) if cpu else 1
     X, Y = X.to(device), Y.to(device)
     losses = torch.empty(cfg.max_steps, S, device=device)
     record_steps = list(range(0, cfg.max_steps, cfg.record_every))
-    ratios = {w: torch.empty(len(record_steps), S, device=device) for w in WEIGHTS}
+    weights = model.weight_names if deep else WEIGHTS
+    ratios = {w: torch.empty(len(record_steps), S, device=device) for w in weights}
     slices = seed_groups(S, workers) if cpu else [slice(0, S)]
+    cap = frozenset(capture_steps)
     groups = [
-        _Group(model, cfg.batch_size, sl, generators, X, Y, cfg, lr_scale, losses, ratios)
+        _Group(model, cfg.batch_size, sl, generators, X, Y, cfg, lr_scale, losses, ratios, cap)
         for sl in slices
     ]
     threads = torch.get_num_threads()
@@ -538,6 +573,9 @@ def train(
     seconds = time.perf_counter() - t0
     for group in groups:
         group.step.store(model)
+    captures = {
+        i: _concat([g.captures[i] for g in groups]) for i in sorted(cap) if i < cfg.max_steps
+    }
     losses = losses.cpu()
     finite = torch.isfinite(losses)
     diverged_at = [
@@ -549,7 +587,15 @@ def train(
         record_steps=torch.tensor(record_steps, dtype=torch.int64),
         update_ratio={w: v.cpu() for w, v in ratios.items()},
         seconds=seconds,
+        captures=captures,
     )
+
+
+def _concat(parts: list[dict]) -> dict:
+    """Nested dicts of (S_group, ...) tensors, one per seed group -> (S, ...) on the CPU."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts).cpu()
+    return {k: _concat([p[k] for p in parts]) for k in parts[0]}
 
 
 def resolve_device(name: str) -> torch.device:

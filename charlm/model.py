@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.config import ModelConfig, VariantConfig
+from charlm.layers import DeepMLP, draw_deep_parameters, new_deep_mlp
 
 
 class BatchNorm1d(nn.Module):
@@ -156,7 +157,7 @@ def draw_initial_parameters(
     own shape, then scaled by the variant. Changing the order changes every number.
     Returns float32 CPU tensors: C (V, E), W1 (T*E, H), b1 (H), W2 (H, V), b2 (V).
     """
-    V, E, H = vocab_size, model_cfg.n_embd, model_cfg.n_hidden
+    V, E, H = vocab_size, model_cfg.n_embd, variant.hidden_size(model_cfg)
     fan_in = block_size * E
     g = generator
     p = {"C": torch.randn((V, E), generator=g)}
@@ -172,32 +173,50 @@ def draw_initial_parameters(
     return p
 
 
+def new_model(
+    model_cfg: ModelConfig, variant: VariantConfig, vocab_size: int, block_size: int, n_models: int
+) -> MLP | DeepMLP:
+    """Empty models of the variant's form: ``DeepMLP`` when ``variant.is_deep``, else ``MLP``.
+
+    Used to rebuild saved models (``load_state_dict``); ``build_mlp`` also initialises.
+    """
+    if variant.is_deep:
+        return new_deep_mlp(model_cfg, variant, vocab_size, block_size, n_models)
+    return MLP(
+        vocab_size,
+        block_size,
+        model_cfg.n_embd,
+        variant.hidden_size(model_cfg),
+        n_models=n_models,
+        batchnorm=variant.batchnorm,
+        momentum=variant.momentum_value,
+    )
+
+
 def build_mlp(
     model_cfg: ModelConfig,
     variant: VariantConfig,
     vocab_size: int,
     block_size: int,
     generators: list[torch.Generator],
-) -> MLP:
-    """An MLP of ``len(generators)`` models, model s initialised from ``generators[s]``.
+) -> MLP | DeepMLP:
+    """Models of ``len(generators)`` seeds, model s initialised from ``generators[s]``.
 
-    Each generator is used for model s alone, so a seed gives the same initial model
-    whether it is trained alone or inside a batch of seeds. The generators are left
-    positioned after the initial draws, ready to draw the minibatch indices.
+    One-layer variants: ``draw_initial_parameters``; deep ones (``variant.is_deep``):
+    ``charlm.layers.draw_deep_parameters``. Each generator is used for model s alone, so
+    a seed gives the same initial model whether it is trained alone or inside a batch
+    of seeds. The generators are left positioned after the initial draws, ready to draw
+    the minibatch indices.
     """
-    model = MLP(
-        vocab_size,
-        block_size,
-        model_cfg.n_embd,
-        model_cfg.n_hidden,
-        n_models=len(generators),
-        batchnorm=variant.batchnorm,
-        momentum=variant.momentum,
-    )
-    draws = [
-        draw_initial_parameters(model_cfg, variant, vocab_size, block_size, g) for g in generators
-    ]
+    model = new_model(model_cfg, variant, vocab_size, block_size, len(generators))
+    if isinstance(model, DeepMLP):
+        draws = [draw_deep_parameters(model, variant, g) for g in generators]
+    else:
+        draws = [
+            draw_initial_parameters(model_cfg, variant, vocab_size, block_size, g)
+            for g in generators
+        ]
     with torch.no_grad():
         for name in draws[0]:
-            getattr(model, name).copy_(torch.stack([d[name] for d in draws]))
+            model.get_parameter(name).copy_(torch.stack([d[name] for d in draws]))
     return model

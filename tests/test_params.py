@@ -213,7 +213,7 @@ ERRORS = [
     ("train.device", "device: gpu",
      r"key 'train\.device' = 'gpu': Input should be 'auto', 'cpu' or 'cuda'"),
     ("variants.kaiming.gain", "gain: [1]",
-     r"key 'variants\.kaiming\.gain' = \[1\]: gain must be a number > 0 or one of .* \(list\)"),
+     r"key 'variants\.kaiming\.gain' = \[1\]: gain must be a number > 0 or null; .* \(list\)"),
     # ranges
     ("train.batch_size", "batch_size: 1",
      r"key 'train\.batch_size' = 1: variants\.batchnorm uses BatchNorm, which needs "
@@ -242,9 +242,9 @@ ERRORS = [
      r"key 'train\.lr_decay_step' = -1: Input should be greater than or equal to 0"),
     ("variants.kaiming.gain", "gain: 0",
      r"key 'variants\.kaiming\.gain' = 0: gain must be a finite number > 0"),
-    ("variants.kaiming.gain", "gain: tahn",
-     r"key 'variants\.kaiming\.gain' = 'tahn': gain must be a number > 0 or one of linear, .*"
-     r"tanh, relu, selu; got 'tahn'"),
+    ("variants.kaiming.gain", "gain: tanh",
+     r"key 'variants\.kaiming\.gain' = 'tanh': gain must be a number > 0 or null .*"
+     r"got the string 'tanh': write null instead of a name"),
     ("split.block_size", "block_size: 0",
      r"key 'split\.block_size' = 0: Input should be greater than or equal to 1"),
     ("model.n_embd", "n_embd: 0",

@@ -19,8 +19,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+import torch
 
-from charlm.config import NONLINEARITIES, VariantConfig
+from charlm.config import NONLINEARITIES
 
 GLOBAL_SECTIONS = ("data", "split", "model", "train", "evaluate")  # affect every variant
 
@@ -39,7 +40,7 @@ def numeric(key: str, value: Any) -> float | None:
         except ValueError:
             pass
         if key.endswith(".gain") and value in NONLINEARITIES:
-            return VariantConfig(gain=value).gain_value
+            return float(torch.nn.init.calculate_gain(value))  # old runs named the gain
     return None
 
 

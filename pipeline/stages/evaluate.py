@@ -24,7 +24,7 @@ from charlm import diagnostics as diag
 from charlm.config import EvaluateConfig, ModelConfig, VariantConfig
 from charlm.data import Vocabulary
 from charlm.evaluate import sample, split_loss
-from charlm.model import MLP
+from charlm.model import MLP, new_model
 from pipeline import outputs, params, records
 
 SPLITS = ("train", "val", "test")
@@ -36,14 +36,12 @@ def load_model(checkpoint: dict, which: str = "state_dict") -> MLP:
     """Rebuild the trained (or, with ``which='init_state_dict'``, initial) models."""
     model_cfg = ModelConfig(**checkpoint["model"])
     variant = VariantConfig.model_validate(checkpoint["variant"], strict=False)
-    model = MLP(
+    model = new_model(
+        model_cfg,
+        variant,
         len(checkpoint["vocab"]) + 1,
         checkpoint["block_size"],
-        model_cfg.n_embd,
-        model_cfg.n_hidden,
-        n_models=len(checkpoint["seeds"]),
-        batchnorm=variant.batchnorm,
-        momentum=variant.momentum,
+        len(checkpoint["seeds"]),
     )
     model.load_state_dict(checkpoint[which])
     return model
