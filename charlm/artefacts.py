@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-FORMAT = 4  # the layout of diagnostics.pt; bump it with every change of these records
+FORMAT = 5  # the layout of diagnostics.pt; bump it with every change of these records
 
 
 class Record(BaseModel):
@@ -100,6 +100,44 @@ class BatchNorm(Record):
     loss_calibrated: dict[str, list[float]]  # the same with the calibrated statistics
 
 
+class LayerSnapshot(Record):
+    """One hidden nonlinearity's output in a captured training step (deep variants).
+
+    The lecture's ``layer.out`` and ``layer.out.grad`` of each Tanh (makemore part 3,
+    "diagnostic tools"): the step's minibatch (B examples), all S seeds.
+    """
+
+    name: str  # module name of the nonlinearity in named_modules(), e.g. 'layers.2'
+    kind: str  # 'tanh' | 'relu' | 'linear'
+    out: torch.Tensor  # float32 (S, B, H), the nonlinearity's output
+    out_grad: torch.Tensor  # float32 (S, B, H), dloss/dout
+    mean: list[float]  # S values, mean of out
+    std: list[float]  # S values, std of out (unbiased, as Tensor.std)
+    saturated: list[float]  # S shares (0..1) of |out| > saturation threshold (tanh only;
+    # 0 for other nonlinearities)
+    grad_mean: list[float]  # S values, mean of out_grad
+    grad_std: list[float]  # S values, std of out_grad
+
+
+class WeightSnapshot(Record):
+    """One weight matrix's gradient in a captured step (named as in named_parameters())."""
+
+    grad: torch.Tensor  # float32 (S, fan_in, fan_out), that step's dloss/dweight
+    grad_mean: list[float]  # S values
+    grad_std: list[float]  # S values
+    data_std: list[float]  # S values, std of the weight after that step's update
+    grad_data_ratio: list[float]  # S values, grad_std / data_std (the lecture's ratio)
+
+
+class Snapshot(Record):
+    """A training step's forward and backward pass, as the lecture's histograms show it."""
+
+    step: int  # 0-based step index (the lecture's snapshot: 1000, after 1,001 steps)
+    threshold: float  # |out| above this counts as saturated (the lecture's 0.97)
+    layers: list[LayerSnapshot]  # hidden nonlinearities, input side first
+    weights: dict[str, WeightSnapshot]  # C and every Linear weight, named_parameters() order
+
+
 class Diagnostics(Record):
     """Everything the report draws for one variant (the content of diagnostics.pt)."""
 
@@ -114,6 +152,10 @@ class Diagnostics(Record):
     weights: dict[str, Weight]  # weight matrices in named_parameters() order
     update_steps: torch.Tensor  # int64 (R,), steps at which update ratios were recorded
     batchnorm: BatchNorm | None  # None: the model has no BatchNorm
+    # deep variants only (None for the one-layer MLP): 'snapshot' (the lecture's step
+    # 1,000, when the run is that long) and 'final' (the last step)
+    snapshots: dict[str, Snapshot] | None = None
+    n_params: int = 0  # parameters per model (one seed), e.g. 47,024 for the lecture's deep net
 
 
 def to_state(d: Diagnostics) -> dict[str, Any]:
