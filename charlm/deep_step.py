@@ -9,7 +9,7 @@ worker threads and recording are shared with the one-layer engine.
 
 Exactness: every op is per model (``bmm``, reductions over the batch dim), so a seed
 gives bitwise the same run inside any batch of seeds. Against autograd on the
-lecture's code (``benchmarks.lecture.lecture_deep_train``) the linear, log-softmax,
+lecture's code (``reference.lecture.lecture_deep_train``) the linear, log-softmax,
 tanh-backward and update kernels are the same; tanh is computed as 2 sigmoid(2x) - 1
 and BatchNorm's variance in float32 and its backward in closed form, each for speed
 (see the classes). So the runs agree to float32 rounding, not bitwise: after the

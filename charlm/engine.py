@@ -58,6 +58,10 @@ Choices, each by measurement:
       chaotic); after 200,000, by up to 1.3e-5 with final losses equal to 5 decimals.
       ``torch.func.vmap(grad(...))`` still pays autograd's per-op cost every step.
 
+Deep models (``charlm.layers.DeepMLP``) run the same loop with ``DeepStep`` from
+``charlm/deep_step.py`` (per-layer ops composed per variant; see its docstring for
+its exactness and speed).
+
 Randomness: model s draws its minibatch indices from its own ``generators[s]``, one
 ``randint(0, n, (batch_size,))`` per step as in the lecture (drawn ``CHUNK`` steps at a
 time, which yields the identical sequence), and every op is per model, so a seed
@@ -442,8 +446,11 @@ class _Group:
         ratios: dict[str, torch.Tensor],
         capture_steps: frozenset[int] = frozenset(),
     ):
-        # one-layer models keep their bitwise-lecture fast path; deep ones are composed
-        # from per-layer ops (charlm/deep_step.py)
+        # One-layer models keep _Step, their fast path that is bitwise the lecture's
+        # loop (padded GEMMs, b1 folded into W1, float64 std, autograd's BatchNorm node
+        # order, the lecture's std-form BatchNorm). The layer-generic DeepStep is not
+        # bitwise (closed-form backward, sigmoid tanh) and has the deep BatchNorm form,
+        # so expressing the one-layer net through it would change its numbers.
         self.step = _Step(model, B, seeds) if isinstance(model, MLP) else DeepStep(model, B, seeds)
         self.step.load(model)
         self.generators = generators[seeds]

@@ -4,7 +4,7 @@ deep network") reproduced by the eager oracle and by the engine.
 
 Two independent computations compared (micrograd's test): the engine's backward
 against autograd through ``DeepMLP.forward``; the engine's run against the lecture's
-loop written out in ``benchmarks/lecture.py``.
+loop written out in ``reference/lecture.py``.
 """
 
 from __future__ import annotations
@@ -103,11 +103,18 @@ def test_train_override_merges_over_the_global_section():
 
 @pytest.mark.parametrize(
     ("variant", "count"),
-    [(DEEP_BN, 47_024), (DEEP_TANH, 46_497), ({}, 11_897), ({"batchnorm": True}, 12_097)],
+    [
+        (DEEP_BN, 47_024),
+        (DEEP_TANH, 46_497),
+        ({}, 11_897),
+        ({"batchnorm": True}, 12_097),
+        ({"deep": True}, 11_897),  # one hidden layer in the deep form: same sizes
+    ],
 )
 def test_parameter_counts(variant, count):
     model, _ = build(variant, [SEED])
     assert sum(p.numel() for p in model.parameters()) == count
+    assert isinstance(model, DeepMLP) == VariantConfig(**variant).is_deep
 
 
 @pytest.mark.parametrize("batchnorm", [True, False])
