@@ -1,72 +1,25 @@
 """Training engine: S models (one per seed) trained at once by minibatch SGD.
 
-Why a hand-written backward pass: the model is tiny (1.1 M multiply-adds per
-model-step), so eager autograd spends most of a step on per-op overhead (~40 small
-kernels and a graph per model). Here the S seeds share ``torch.bmm`` calls and the
-backward pass is written out (22 ops per step, ~55 with BatchNorm, whatever S).
+Contract of ``train``:
 
-Exactness: every value is the one autograd computes for the lecture's code, bit for
-bit, so the engine reproduces the lecture's run itself, not just its statistics: the
-canonical seed's 200,000-step loss curve equals the lecture loop's at every step for
-naive (chaotic: its saturated tanh amplifies any ulp) and kaiming; for batchnorm up
-to step 76,427 and within 1.9e-6 after, the final split losses equal to 5 decimals
-(one of its 15 million batch stds rounded the other way, see ``_batchnorm_forward``).
-How: the same kernels in the same order on the same operands.
-``_log_softmax_backward_data`` and ``tanh_backward`` are autograd's own kernels; logits
-are ``bmm`` then ``+ b2`` (``baddbmm`` rounds differently); the update is
-``p += (-lr) * grad`` in two roundings like ``p.data += -lr * p.grad`` (``add_`` with
-``alpha`` fuses them); BatchNorm's backward replays autograd's nodes term by term; the
-recorded loss replays ``nll_loss``'s summation order (``nll_mean``). The one
-substitute: ``Tensor.std`` (a float64 Welford pass, 9 ns per element here, as slow as
-the rest of the step) is replaced by float64 sums that round to the same float32.
+- Shapes: the model holds S stacked models (leading seed dim); X (N, T) int64 contexts
+  and Y (N,) int64 targets of the training split; one ``torch.Generator`` per model.
+  Returns ``TrainResult``: float32 per-step losses (max_steps, S) in nats, update:data
+  ratios per weight matrix, optional captured steps (deep models).
+- Exactness: for the one-layer MLP (``charlm.model.MLP``, ``_Step``) every value is the
+  one autograd computes for the lecture's code, bit for bit (same kernels, same order,
+  same operands), so the engine reproduces the lecture's run itself. Deep models
+  (``charlm.layers.DeepMLP``) run the same loop with ``charlm.deep_step.DeepStep``:
+  per-layer ops composed per variant, equal to the lecture's deep loop to float32
+  rounding (~1e-6 relative after 1,001 steps), not bitwise.
+- Randomness: model s draws its minibatch indices from its own ``generators[s]``, one
+  ``randint(0, n, (batch_size,))`` per step as in the lecture (drawn ``CHUNK`` steps at
+  a time, which yields the identical sequence), and every op is per model, so a seed
+  trained inside a batch of seeds, in any group or worker thread, follows the
+  trajectory of the seed trained alone, bit for bit.
 
-Speed (``make bench``: the lecture's loop and this engine side by side, median of 3;
-2-core AVX-512 Zen 4, PyTorch 2.13 CPU with MKL), microseconds per model-step:
-
-                lecture   S=1    S=8    S=64    speed-up at 8 / 64 seeds
-    naive        284      104    43.3   31.7    6.6x / 9.0x
-    kaiming      285      104    51.8   32.0    5.5x / 8.9x
-    batchnorm    491      196    96.9   47.9    5.1x / 10.2x
-
-Choices, each by measurement:
-    - workers: ``train`` runs groups of seeds in worker threads (one per core) with
-      single-threaded ops, instead of torch's intra-op threads. Intra-op threads barely
-      help ~50 small ops per step, and on a machine shared with other jobs their
-      spinning made steps up to 30x slower; worker threads degrade to one core's speed.
-    - groups of at most 16 seeds (``MAX_GROUP``): 64 seeds in one group ran ~10%
-      slower per model than groups of 16 (cache); groups of 8 pay more per-op cost.
-    - padding: V = 27 and T*E = 30 as a GEMM's free dimension hit MKL's slow edge
-      kernels (8.2-8.5 against 5.0 us per model for N = 32). W2 is stored (S, H, 32)
-      with zero columns and b2 (S, 32) with -inf columns, W1 (S, 32, H) with zero rows:
-      padded GEMMs are bitwise the unpadded ones (same K-loop, zeros add exactly),
-      log_softmax over -inf columns is bitwise the 27-wide one, pads stay 0 / -inf.
-    - b1 is row 30 of the padded W1 and embcat's column 30 is 1: MKL's K-loop ends with
-      acc + 1 * b1, bitwise ``(embcat @ W1) + b1``, one elementwise pass fewer.
-    - one flat parameter buffer and one flat gradient buffer, so the update is two ops;
-      preallocated buffers written with ``out=``; scalars as 0-dim tensors (a Python
-      scalar costs a conversion op per call); indices drawn and gathered per ``CHUNK``.
-    - what is left: the GEMMs at ~70% of one core's sgemm peak (31 us per model-step
-      on one core) and ``torch.tanh`` (Sleef, 2.5 ns per element: 16 us) are ~75% of
-      the time, and both must stay bit for bit; so with 2 cores 64 seeds take >= 24 us
-      per model-step before any other op, and 10x the lecture's 285 us is out of reach
-      for naive and kaiming (the benchmark prints this GEMM limit).
-    - rejected: ``torch.compile`` (inductor): 15 s to build even a lone tanh on an idle
-      machine, and its tanh differs from ATen's in 108 of 51,200 values (only 1.3x
-      faster). tanh as 2 sigmoid(2x) - 1: 5x faster than ``torch.tanh``, 64-seed steps
-      13% faster, but not bitwise: after 2,000 steps the canonical seed's loss differs
-      from the lecture's by up to 7e-7 (kaiming), 5e-7 (batchnorm) and 0.46 (naive,
-      chaotic); after 200,000, by up to 1.3e-5 with final losses equal to 5 decimals.
-      ``torch.func.vmap(grad(...))`` still pays autograd's per-op cost every step.
-
-Deep models (``charlm.layers.DeepMLP``) run the same loop with ``DeepStep`` from
-``charlm/deep_step.py`` (per-layer ops composed per variant; see its docstring for
-its exactness and speed).
-
-Randomness: model s draws its minibatch indices from its own ``generators[s]``, one
-``randint(0, n, (batch_size,))`` per step as in the lecture (drawn ``CHUNK`` steps at a
-time, which yields the identical sequence), and every op is per model, so a seed
-trained inside a batch of seeds, in any group or worker, follows the trajectory of the
-seed trained alone, bit for bit.
+Why a hand-written backward pass, the padding and buffer tricks, the worker threads
+and their measurements: docs/engine.md; ``make bench`` prints the current figures.
 """
 
 from __future__ import annotations
@@ -160,7 +113,7 @@ class _Step:
     """Buffers and the op sequence of one training step for S models of one shape.
 
     Parameters live in one flat buffer ``P`` and their gradients in ``G`` (same layout,
-    padded as the module docstring says); ``views(P)`` and ``views(G)`` give the tensors
+    padded as docs/engine.md explains); ``views(P)`` and ``views(G)`` give the tensors
     by name. The model itself is only read by ``load`` and written by ``store``.
     """
 
@@ -521,7 +474,7 @@ def train(
         lr_scale: multiplies the schedule (a variant's ``lr_scale``).
         progress: called as ``progress(steps_done, last_loss)`` after each chunk.
         workers: CPU threads, each training its own groups of seeds with single-threaded
-            ops (see the module docstring); default ``charlm.cpus.available_cpus()``. While
+            ops (docs/engine.md, "workers"); default ``charlm.cpus.available_cpus()``. While
             training on the CPU, torch's intra-op thread count is set to 1 and then
             restored. Ignored on CUDA (one group, one thread).
         capture_steps: 0-based steps whose forward/backward pass is kept in
