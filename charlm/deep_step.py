@@ -30,6 +30,7 @@ import math
 import torch
 
 from charlm.layers import BatchNorm1d, DeepMLP, Identity, Linear, ReLU, Tanh
+from charlm.step_base import StepBase
 
 
 class _Buffers:
@@ -192,7 +193,7 @@ class _IdentityOp:
 _ACT = {Tanh: _TanhOp, ReLU: _ReLUOp, Identity: _IdentityOp}
 
 
-class DeepStep:
+class DeepStep(StepBase):
     """Buffers and ops of one training step for models ``seeds`` of a ``DeepMLP``.
 
     ``P`` and ``G`` are flat buffers of all parameters and their gradients in
@@ -254,15 +255,9 @@ class DeepStep:
         self.neg_lr = new.const(0.0)
         self.lr = 0.0
 
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, i = {}, 0
-        for name, shape in self.shapes.items():
-            n = math.prod(shape)
-            out[name] = flat[i : i + n].view(shape)
-            i += n
-        return out
-
-    unpadded = views  # no padding here; the one-layer engine's name for the same views
+    def unpadded(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The same as ``views``: no padding here (the one-layer engine's name)."""
+        return self.views(flat)
 
     @torch.no_grad()
     def load(self, model: DeepMLP) -> None:
@@ -287,23 +282,12 @@ class DeepStep:
     def step(
         self, flat: torch.Tensor, tgt: torch.Tensor, tgt_flat: torch.Tensor, nll: torch.Tensor
     ) -> None:
-        """Forward and backward for one minibatch; gradients into ``G``.
-
-        Args:
-            flat: int64 (S*B*T,), indices into C viewed as (S*V, E).
-            tgt: int64 (S, B, 1) targets; tgt_flat: the same as (S*B,).
-            nll: float32 (S, B, 1), receives log-probabilities of the targets.
-        """
+        """Forward and backward for one minibatch; gradients into ``G`` (arguments as
+        ``charlm.engine._Step.step``): the layers' ops forward, then backward in reverse."""
         torch.index_select(self.Cflat, 0, flat, out=self.emb)
         for op in self.ops:
             op.forward()
-        torch.ops.aten._log_softmax.out(self.logits, 2, False, out=self.lp)
-        torch.gather(self.lp, 2, tgt, out=nll)
-        # backward: autograd's nll_loss (mean) and log_softmax kernels, then the layers
-        torch.index_select(self.table, 0, tgt_flat, out=self.onehot)
-        torch.ops.aten._log_softmax_backward_data.out(
-            self.onehot3, self.lp, 2, self.dtype, out=self.dlogits
-        )
+        self.loss_head(tgt, tgt_flat, nll)  # then backward through the layers
         d = self.dlogits
         for j in range(len(self.ops) - 1, -1, -1):
             self.douts[j] = d
@@ -319,10 +303,3 @@ class DeepStep:
             "out_grad": {i: self.douts[i].clone() for i in self.hidden},
             "grad": {n: t.clone() for n, t in self.views(self.G).items()},
         }
-
-    def scale_grads_(self, lr: float) -> None:
-        """G = (-lr) * G, the first rounding of the lecture's ``p.data += -lr * p.grad``."""
-        if lr != self.lr:
-            self.lr = lr
-            self.neg_lr.fill_(-lr)
-        self.G.mul_(self.neg_lr)

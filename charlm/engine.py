@@ -38,6 +38,7 @@ from charlm.cpus import available_cpus
 from charlm.deep_step import DeepStep
 from charlm.layers import DeepMLP
 from charlm.model import MLP
+from charlm.step_base import StepBase
 
 CHUNK = 1000  # steps of minibatch indices drawn at once per generator
 
@@ -109,7 +110,7 @@ def nll_mean(nll: torch.Tensor) -> torch.Tensor:
     return total / B
 
 
-class _Step:
+class _Step(StepBase):
     """Buffers and the op sequence of one training step for S models of one shape.
 
     Parameters live in one flat buffer ``P`` and their gradients in ``G`` (same layout,
@@ -133,7 +134,7 @@ class _Step:
         k = {"B": B, "m": m, "1-m": 1 - m, "2/(B-1)": 2.0 / (B - 1), "-lr": 0.0}
         self.k = {name: torch.tensor(float(v), dtype=dt) for name, v in k.items()}
         self.k["B-1 f64"] = torch.tensor(B - 1.0, dtype=torch.float64)
-        self.lr = 0.0
+        self.lr, self.neg_lr = 0.0, self.k["-lr"]
         # b1 is row T*E of the padded W1 (embcat's column T*E is 1): (embcat @ W1) + b1
         # rounds exactly as the K-loop's last FMA, 1 * b1 + acc
         shapes = {"C": (S, V, E), "W1": (S, Kp, H)}
@@ -197,14 +198,6 @@ class _Step:
         else:
             self.gb1 = g["W1"][:, TE]  # (S, H)
 
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, i = {}, 0
-        for name, shape in self.shapes.items():
-            n = math.prod(shape)
-            out[name] = flat[i : i + n].view(shape)
-            i += n
-        return out
-
     def unpadded(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``flat`` (P or G) with the model's shapes (non-contiguous)."""
         v = self.views(flat)
@@ -255,13 +248,7 @@ class _Step:
         torch.tanh(hpreact, out=self.h)
         bmm(self.h, self.W2, out=self.logits)
         self.logits.add_(self.b2)
-        torch.ops.aten._log_softmax.out(self.logits, 2, False, out=self.lp)
-        torch.gather(self.lp, 2, tgt, out=nll)
-        # backward: autograd's nll_loss (mean) and log_softmax kernels
-        torch.index_select(self.table, 0, tgt_flat, out=self.onehot)
-        torch.ops.aten._log_softmax_backward_data.out(
-            self.onehot3, self.lp, 2, self.dtype, out=self.dlogits
-        )
+        self.loss_head(tgt, tgt_flat, nll)  # log_softmax, nll_loss and their backward
         g = self.g
         bmm(self.hT, self.dlogits, out=g["W2"])
         torch.sum(self.dlogits_V, 1, out=self.gb2)  # V wide: autograd's summation order
@@ -330,13 +317,6 @@ class _Step:
         da.sub_(self.t)
         # MeanBackward: grad.expand(B, H) / B
         return da.sub_(neg_dmean.div_(k["B"]))
-
-    def scale_grads_(self, lr: float) -> None:
-        """G = (-lr) * G, the first rounding of the lecture's ``p.data += -lr * p.grad``."""
-        if lr != self.lr:
-            self.lr = lr
-            self.k["-lr"].fill_(-lr)  # float32(-lr), as the op would cast it
-        self.G.mul_(self.k["-lr"])
 
 
 def forward_backward(
