@@ -300,3 +300,97 @@ def test_template_executes_on_synthetic_deep_records(tmp_path):
     assert "BatchNorm (**deep_bn**) beats no BatchNorm" in text
     assert text.count("image/png") >= 2 * 4  # four deep figures per deep variant
     assert "47,024" in text and "46,497" in text
+
+
+# ---- the sweep report: gain sensitivity at depth (synthetic dvc.api answers) -----------------
+
+
+def sweep_metrics(bn_gain: float, tanh_gain: float) -> dict:
+    """metrics.json of one run: BatchNorm holds; without it the activations vanish at
+    small gain (std shrinks layer by layer) and saturate at large gain."""
+
+    def entry(val: float, first: float, last: float, sat: float) -> dict:
+        depth = {"std_first": first, "std_last": last, "saturated_max": sat,
+                 "grad_std_first": 1e-3, "grad_std_last": 1e-3}  # fmt: skip
+        return {"val": val, "mean": {"val": val}, "std": {"val": 0.01}, "n_seeds": 2,
+                "depth": {"snapshot": depth, "final": depth}}  # fmt: skip
+
+    t = tanh_gain
+    return {
+        "kaiming": {"val": 2.10, "mean": {"val": 2.10}, "std": {"val": 0.01}},
+        "deep_bn": entry(2.30 + 0.001 * bn_gain, 0.64, 0.65, 2.0),
+        "deep_tanh": entry(2.30 + 0.05 * abs(t - 5 / 3), 0.6 * min(t, 1), 0.6 * min(t, 1) ** 5,
+                           min(95.0, 3.0 * t**3)),
+    }  # fmt: skip
+
+
+def sweep_runs() -> list:
+    from dvc.exceptions import DvcException
+
+    from tools import sweep_report as sr
+
+    def params(bn: object, tanh: object) -> dict:
+        return {"train": {"seeds": [1, 2]}, "variants": {
+            "kaiming": {"gain": None}, "deep_bn": {"layers": 5, "batchnorm": True, "gain": bn},
+            "deep_tanh": {"layers": 5, "gain": tanh}}}  # fmt: skip
+
+    rows = [{"Experiment": None, "rev": "workspace", "typ": "baseline", "State": None},
+            {"Experiment": None, "rev": "main", "typ": "baseline", "State": None}]  # fmt: skip
+    table = {"main": (params(1.0, None), sweep_metrics(1.0, 5 / 3))}
+    runs = [*((f"bn-{g}", g, None) for g in (0.5, 1.5, 3.0)),
+            *((f"tanh-{g}", 1.0, g) for g in (0.5, 1.0, 3.0)),
+            ("grid", 3.0, 3.0), ("queued", 2.0, None)]  # fmt: skip
+    for i, (name, bn, tanh) in enumerate(runs):
+        rev = f"{i}" * 7
+        state = "Queued" if name == "queued" else "Success"
+        rows.append({"Experiment": name, "rev": rev, "typ": "branch_commit", "State": state})
+        table[rev] = (params(bn, tanh), sweep_metrics(bn, 5 / 3 if tanh is None else tanh))
+
+    def lookup(i: int):
+        def get(rev: str) -> dict:
+            if rev not in table:
+                raise DvcException(f"unknown Git revision '{rev}'")
+            return table[rev][i]
+
+        return get
+
+    return sr.collect(rows, lookup(0), lookup(1))
+
+
+def test_null_gains_read_as_calculate_gain():
+    from tools.sweep_depth import resolve_gains
+
+    flat = {"variants.a.gain": None, "variants.b.gain": None, "variants.b.nonlinearity": "relu",
+            "variants.c.gain": 2.0, "train.lr": None}  # fmt: skip
+    assert resolve_gains(flat) == {**flat, "variants.a.gain": 5 / 3,
+                                   "variants.b.gain": math.sqrt(2)}  # fmt: skip
+
+
+def test_gain_table_keeps_runs_that_change_only_that_variants_gain():
+    from tools.sweep_depth import gain_table, swept
+
+    table = gain_table(sweep_runs())
+    bn = table[table.variant == "deep_bn"]
+    tanh = table[table.variant == "deep_tanh"]
+    assert bn["gain"].tolist() == [0.5, 1.0, 1.5, 3.0]  # the queued run left out; the grid run repeats a point
+    assert tanh["gain"].tolist() == pytest.approx([0.5, 1.0, 5 / 3, 3.0])
+    assert tanh.loc[tanh.baseline, "gain"].tolist() == pytest.approx([5 / 3])
+    assert tanh["std_last"].tolist() == pytest.approx([0.6 * 0.5**5, 0.6, 0.6, 0.6])
+    assert tanh["saturated_max"].iloc[-1] == pytest.approx(81.0)
+    assert bn["std_last"].tolist() == [0.65] * 4
+    assert swept(table) == ["deep_bn", "deep_tanh"]
+
+
+def test_sweep_page_draws_gain_sensitivity_at_depth():
+    from tools import sweep_report as sr
+
+    page = sr.render(sweep_runs())
+    assert "<h2>Gain sensitivity at depth</h2>" in page
+    assert "<h2>variants.deep_bn.gain</h2>" in page and "<h2>variants.deep_tanh.gain</h2>" in page
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "<b>Not plotted: 1 queued.</b>" in page
+    # without any deep variant's gain swept: no section
+    one = [r for r in sweep_runs() if r.baseline or r.name.startswith("bn-")]
+    for r in one:
+        r.metrics.pop("deep_bn")
+    assert "Gain sensitivity at depth" not in sr.render(one)
