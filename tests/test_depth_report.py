@@ -372,7 +372,8 @@ def test_gain_table_keeps_runs_that_change_only_that_variants_gain():
     table = gain_table(sweep_runs())
     bn = table[table.variant == "deep_bn"]
     tanh = table[table.variant == "deep_tanh"]
-    assert bn["gain"].tolist() == [0.5, 1.0, 1.5, 3.0]  # the queued run left out; the grid run repeats a point
+    # the queued run is left out; the grid run repeats a point (deduplicated)
+    assert bn["gain"].tolist() == [0.5, 1.0, 1.5, 3.0]
     assert tanh["gain"].tolist() == pytest.approx([0.5, 1.0, 5 / 3, 3.0])
     assert tanh.loc[tanh.baseline, "gain"].tolist() == pytest.approx([5 / 3])
     assert tanh["std_last"].tolist() == pytest.approx([0.6 * 0.5**5, 0.6, 0.6, 0.6])
