@@ -125,10 +125,41 @@ def fmt_mean_std(values: Any, digits: int = 4) -> str:
 # ---- paired comparisons (reporting.intervals) -----------------------------------
 
 
+def family(inputs: Inputs, v: str) -> tuple[bool, int, int, str]:
+    """What makes two variants comparable: (deep form, hidden layers, units per hidden
+    layer, nonlinearity), from ``variants.<v>`` in params.yaml with VariantConfig's
+    defaults (one tanh layer of ``model.n_hidden`` units)."""
+    raw = (inputs.params.get("variants") or {}).get(v) or {}
+    layers = int(raw.get("layers", 1))
+    deep = raw.get("deep")
+    n_hidden = raw.get("n_hidden") or (inputs.params.get("model") or {}).get("n_hidden")
+    return (
+        bool(layers > 1 if deep is None else deep),
+        layers,
+        int(n_hidden or 0),
+        str(raw.get("nonlinearity", "tanh")),
+    )
+
+
+def families(inputs: Inputs) -> list[list[str]]:
+    """The variants grouped by ``family``, groups and members in params order."""
+    groups: dict[tuple, list[str]] = {}
+    for v in inputs.variants:
+        groups.setdefault(family(inputs, v), []).append(v)
+    return list(groups.values())
+
+
 def comparisons(inputs: Inputs, split: str = "val") -> list[Paired]:
-    """Every pair of variants (in params order) on ``split``, seeds paired by index."""
+    """Every pair of one-layer variants of the same ``family`` (params order) on
+    ``split``, seeds paired by index; deep variants are compared among themselves by
+    ``reporting.verdict.depth_comparisons``, never with a one-layer variant."""
     ps = {v: inputs.metrics[v]["per_seed"][split] for v in inputs.variants}
-    return [paired_difference(ps[a], ps[b], a, b) for a, b in combinations(inputs.variants, 2)]
+    return [
+        paired_difference(ps[a], ps[b], a, b)
+        for group in families(inputs)
+        if not family(inputs, group[0])[0]
+        for a, b in combinations(group, 2)
+    ]
 
 
 def spread(inputs: Inputs, v: str, split: str = "val") -> float | None:
@@ -182,8 +213,10 @@ def first_good_seed(inputs: Inputs, v: str) -> int | None:
 
 
 def summary_paragraph(inputs: Inputs) -> str:
-    """The report's opening paragraph (markdown), generated from the numbers."""
-    vs = inputs.variants
+    """The report's opening paragraph (markdown), generated from the numbers; variants
+    are ranked within the family of the first one (``family``: the one-layer variants
+    in the default params), the depth verdict is ``reporting.verdict``'s."""
+    vs = families(inputs)[0]
     n_seeds = max(len(inputs.metrics[v]["seeds"]) for v in vs)
     means = {v: mean_std(inputs.metrics[v]["per_seed"]["val"]) for v in vs}
     ranked = sorted((m[0], v) for v, m in means.items() if m[0] is not None)
@@ -238,7 +271,7 @@ def summary_paragraph(inputs: Inputs) -> str:
         )
         missed = [
             v
-            for v in vs
+            for v in inputs.variants
             if any(r["variant"] == v and not r["check"].startswith("within") for r in rows)
         ]
         if missed:
@@ -248,7 +281,7 @@ def summary_paragraph(inputs: Inputs) -> str:
                 "with other parameters, such as a `dvc exp run -S` experiment, is expected "
                 "to miss them."
             )
-    init = {v: inputs.metrics[v]["canonical"]["init_loss"] for v in vs}
+    init = {v: inputs.metrics[v]["canonical"]["init_loss"] for v in inputs.variants}
     uniform = math.log(inputs.counts["vocab_size"])
     far = [v for v, x in init.items() if x is not None and x > uniform + 1]
     if far:

@@ -166,7 +166,7 @@ def figure(
                 handles.setdefault("baseline commit", star)
         if default is not None and is_num:
             x0 = numeric(key, default)
-            shown = default if x0 == default else f"{default} = {x0:.4g}"
+            shown = f"{x0:.4g}" if x0 == default else f"{default} = {x0:.4g}"
             handles.setdefault(
                 f"baseline value: {shown}", ax.axvline(x0, color="grey", linestyle="--")
             )

@@ -4,8 +4,9 @@ Reads the experiments of the current repository through ``dvc.api``: ``exp_show(
 them with their queue state, ``params_show()`` and ``metrics_show()`` give each one's
 params.yaml and reports/metrics.json. Writes ``--out``: one self-contained HTML page (PNG
 figures embedded, nothing fetched) with the val loss (mean ± std over seeds) against each
-swept parameter, per variant, the baseline commit's value marked, and a table of every
-experiment. Experiments still queued or running, and failed ones, have no final metrics:
+swept parameter, per variant, the baseline commit's value marked, the deep variants'
+loss and activation health against their gain (tools/sweep_depth.py), and a table of
+every experiment. Experiments still queued or running, and failed ones, have no final metrics:
 the page and stdout say how many there are and which, instead of plotting fewer points.
 Not a DVC stage. Run: python -m tools.sweep_report --out reports/sweep.html
 (or: make sweep-report)
@@ -26,6 +27,7 @@ import pandas as pd
 from dvc.exceptions import DvcException
 
 from pipeline import outputs
+from tools import sweep_depth
 from tools.sweep_figures import affected, figure, solo_keys, swept_keys
 
 PARAMS_FILE = "params.yaml"
@@ -64,8 +66,9 @@ def collect(rows: list[dict], params_of: Lookup, metrics_of: Lookup) -> list[Run
     ``State``, ...); the workspace row is skipped (it repeats the baseline or an applied
     experiment). An experiment run outside the queue has no state: it finished. Params are
     read for every run (a queued one's are those it will run with), metrics only for
-    finished runs: a failed or queued experiment would show its baseline's. A lookup that
-    raises leaves the run without those values and with the error.
+    finished runs: a failed or queued experiment would show its baseline's. A null gain
+    is read as its value (``tools.sweep_depth.resolve_gains``). A lookup that raises
+    leaves the run without those values and with the error.
     """
     runs = []
     for row in rows:
@@ -75,7 +78,7 @@ def collect(rows: list[dict], params_of: Lookup, metrics_of: Lookup) -> list[Run
         state = "baseline" if baseline else str(row.get("State") or "success").lower()
         run = Run(row.get("Experiment") or str(row["rev"]), str(row["rev"]), baseline, state)
         try:
-            run.params = flatten(params_of(run.rev))
+            run.params = sweep_depth.resolve_gains(flatten(params_of(run.rev)))
             if state in FINISHED:
                 metrics = metrics_of(run.rev)
                 run.metrics = {v: m for v, m in metrics.items() if isinstance(m, dict)}
@@ -256,6 +259,9 @@ def render(runs: list[Run], metric: str = "val") -> str:
             f'<img alt="{html.escape(metric)} loss against {html.escape(key)}" '
             f'src="data:image/png;base64,{png}">'
         )
+    depth = sweep_depth.section(runs, metric)
+    if depth:
+        parts.append(depth)
     frame = experiments_frame(runs, variants, metric)
     parts.append(f"<h2>Experiments</h2>\n{frame.to_html(index=False, escape=True)}")
     return PAGE.format(

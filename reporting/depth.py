@@ -1,0 +1,242 @@
+"""Per-layer figures and tables of the deep variants, as makemore part 3 draws them.
+
+The lecture's "diagnostic tools" (second half of makemore part 3): after a training step
+it plots, as histogram lines, the output of every hidden nonlinearity (legend
+"layer i (tanh)"), the gradient at those outputs and the gradient of every weight
+matrix, and the log10 update:data ratio of each weight matrix over training with a
+black guide line at -3. Here the same, from ``Diagnostics.snapshots`` ('snapshot': the
+lecture's step 1,000; 'final': the last step) and ``Diagnostics.weights[..].update_ratio``:
+figures show one seed (the canonical one, or the first that did not diverge), tables
+give mean ± sd across seeds. Figure functions return ``(figure or None, notes)`` like
+reporting/figures.py; deterministic (no randomness).
+"""
+
+from __future__ import annotations
+
+import re
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from charlm.artefacts import Snapshot
+from reporting.figures import Drawn, Note, _blank, _finite_np
+from reporting.stats import Inputs, first_good_seed, mean_std
+
+MOMENTS = ("snapshot", "final")  # keys of Diagnostics.snapshots, in display order
+BINS = 100  # torch.histogram's default, as in the lecture's plots
+GUIDE = -3.0  # the lecture's rule of thumb: update:data ratio about 1e-3
+
+
+def deep_variants(inputs: Inputs) -> list[str]:
+    """The variants (params order) whose diagnostics carry per-layer snapshots."""
+    return [v for v in inputs.variants if inputs.diagnostics[v].snapshots]
+
+
+def layer_label(name: str, kind: str) -> str:
+    """'layer 2 (tanh)' for the module 'layers.2' (the lecture's index in its list)."""
+    m = re.search(r"(\d+)$", name)
+    return f"layer {m.group(1) if m else name} ({kind})"
+
+
+def fmt_sci(values, digits: int = 3) -> str:
+    """'mean ± sd (n = k)' in scientific notation, for gradients and ratios."""
+    mean, sd, n = mean_std(values)
+    if mean is None:
+        return "– (no finite value)"
+    if sd is None:
+        return f"{mean:.{digits}e} (n = 1)"
+    return f"{mean:.{digits}e} ± {sd:.{digits - 1}e} (n = {n})"
+
+
+def fmt_pct(values, digits: int = 2) -> str:
+    """Shares (0..1) as 'mean ± sd % (n = k)'."""
+    mean, sd, n = mean_std([100 * x for x in values if x is not None])
+    if mean is None:
+        return "– (no finite value)"
+    if sd is None:
+        return f"{mean:.{digits}f} % (n = 1)"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} % (n = {n})"
+
+
+def fmt_2(values, sign: str = "") -> str:
+    """'mean ± sd (n = k)' with 2 decimals, the lecture's precision for activations."""
+    mean, sd, n = mean_std(values)
+    if mean is None:
+        return "– (no finite value)"
+    return f"{mean:{sign}.2f} (n = 1)" if sd is None else f"{mean:{sign}.2f} ± {sd:.2f} (n = {n})"
+
+
+def _moments(inputs: Inputs, v: str) -> list[tuple[str, Snapshot | None]]:
+    snaps = inputs.diagnostics[v].snapshots or {}
+    return [(when, snaps.get(when)) for when in MOMENTS]
+
+
+def _step_words(when: str, snap: Snapshot) -> str:
+    return f"{when}: step {snap.step:,} (after {snap.step + 1:,} steps)"
+
+
+def _lines(ax, series: list[tuple[str, np.ndarray]], title: str) -> list[str]:
+    """Density histograms as lines on ``ax``, shared bins; returns the labels not drawn."""
+    drawable = [(label, x) for label, x in series if x.size and np.ptp(x) > 0]
+    skipped = [label for label, x in series if not (x.size and np.ptp(x) > 0)]
+    if not drawable:
+        return skipped
+    edges = np.histogram_bin_edges(np.concatenate([x for _, x in drawable]), bins=BINS)
+    for label, x in drawable:
+        hy, hx = np.histogram(x, bins=edges, density=True)
+        ax.plot(hx[:-1], hy, label=label)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return skipped
+
+
+def _per_moment(inputs: Inputs, v: str, what: str, series_of) -> Drawn:
+    """One panel per moment: ``series_of(snapshot, seed)`` gives the lines to draw."""
+    seed = first_good_seed(inputs, v)
+    fig, axes = plt.subplots(1, len(MOMENTS), figsize=(15, 3.6), squeeze=False)
+    notes = []
+    for ax, (when, snap) in zip(axes[0], _moments(inputs, v), strict=True):
+        if snap is None:
+            _blank(ax, f"no {when} record")
+            notes.append(
+                Note(f"{v}, {when}: not recorded (the run is shorter than the lecture's step).")
+            )
+            continue
+        if seed is None:
+            _blank(ax, "every seed diverged")
+            notes.append(Note(f"{v}, {when}: every seed diverged; no {what} to draw."))
+            continue
+        series = series_of(snap, seed)
+        if not series:
+            _blank(ax, f"no {what}")
+            notes.append(Note(f"{v}, {when}: no {what} recorded."))
+            continue
+        title = f"{v}, {what} ({_step_words(when, snap)}, seed #{seed})"
+        skipped = _lines(ax, series, title)
+        if len(skipped) == len(series):
+            _blank(ax, f"no finite, non-constant {what}")
+            notes.append(Note(f"{v}, {when}: every {what} is constant or not finite."))
+        elif skipped:
+            notes.append(
+                Note(
+                    f"{v}, {when}: {', '.join(skipped)} left out (constant or not finite, "
+                    f"e.g. an all-zero gradient or a diverged seed).",
+                    drawn=True,
+                )
+            )
+    fig.tight_layout()
+    return fig, notes
+
+
+def activation_lines(inputs: Inputs, v: str) -> Drawn:
+    """Histogram lines of every hidden nonlinearity's output, one panel per moment."""
+    return _per_moment(
+        inputs,
+        v,
+        "activation distribution",
+        lambda snap, s: [(layer_label(x.name, x.kind), _finite_np(x.out[s])) for x in snap.layers],
+    )
+
+
+def gradient_lines(inputs: Inputs, v: str) -> Drawn:
+    """Histogram lines of dloss/dout at every hidden nonlinearity, one panel per moment."""
+    return _per_moment(
+        inputs,
+        v,
+        "gradient distribution",
+        lambda snap, s: [
+            (layer_label(x.name, x.kind), _finite_np(x.out_grad[s])) for x in snap.layers
+        ],
+    )
+
+
+def _weight_label(name: str, w, s: int) -> str:
+    shape = "x".join(str(n) for n in w.grad.shape[1:])
+    return f"{name} ({shape}), grad:data {w.grad_data_ratio[s]:.2e}"
+
+
+def weight_gradient_lines(inputs: Inputs, v: str) -> Drawn:
+    """Histogram lines of every weight matrix's gradient (2-d weights only), legend
+    with the shape and the grad:data ratio std(grad) / std(weight)."""
+    return _per_moment(
+        inputs,
+        v,
+        "weights gradient distribution",
+        lambda snap, s: [
+            (_weight_label(name, w, s), _finite_np(w.grad[s]))
+            for name, w in snap.weights.items()
+            if w.grad.dim() == 3  # (S, fan_in, fan_out): a matrix per seed
+        ],
+    )
+
+
+def update_ratio_lines(inputs: Inputs, v: str) -> Drawn:
+    """log10(std(lr * grad) / std(weight)) per weight matrix over training (one seed),
+    with the lecture's -3 guide line (dashed black)."""
+    d = inputs.diagnostics[v]
+    seed = first_good_seed(inputs, v)
+    steps = d.update_steps.numpy()
+    fig, ax = plt.subplots(figsize=(15, 3.6))
+    drawn, notes = 0, []
+    if seed is not None:
+        for name, w in d.weights.items():
+            if w.update_ratio is None:
+                continue
+            y = w.update_ratio[:, seed].double().numpy()  # (R,)
+            ok = np.isfinite(y)
+            if ok.any():
+                ax.plot(steps[ok], y[ok], label=name, marker="o" if ok.sum() < 5 else None)
+                drawn += 1
+    if not drawn:
+        plt.close(fig)
+        why = "every seed diverged" if seed is None else "no finite update:data ratio"
+        return None, [Note(f"{v}: {why}; no update:data ratio to draw.")]
+    ax.axhline(GUIDE, ls="--", c="k", lw=1, label="1e-3 guide")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10 update:data")
+    ax.set_title(f"{v}: update:data ratio over training (seed #{seed})", fontsize=10)
+    ax.legend(fontsize=8, ncols=2)
+    fig.tight_layout()
+    return fig, notes
+
+
+# ---- tables (mean ± sd across seeds) ---------------------------------------------------
+
+
+def activation_rows(inputs: Inputs, v: str) -> list[dict]:
+    """Per moment and hidden layer: mean, std and % saturated (|out| > threshold)."""
+    rows = []
+    for when, snap in _moments(inputs, v):
+        for x in snap.layers if snap else []:
+            rows.append({
+                "when": f"{when} (step {snap.step:,})", "layer": layer_label(x.name, x.kind),
+                "mean": fmt_2(x.mean, "+"), "std": fmt_2(x.std),
+                f"% |out| > {snap.threshold:g}": fmt_pct(x.saturated),
+            })  # fmt: skip
+    return rows
+
+
+def gradient_rows(inputs: Inputs, v: str) -> list[dict]:
+    """Per moment and hidden layer: mean and std of dloss/dout."""
+    rows = []
+    for when, snap in _moments(inputs, v):
+        for x in snap.layers if snap else []:
+            rows.append({
+                "when": f"{when} (step {snap.step:,})", "layer": layer_label(x.name, x.kind),
+                "grad mean": fmt_sci(x.grad_mean), "grad std": fmt_sci(x.grad_std),
+            })  # fmt: skip
+    return rows
+
+
+def weight_rows(inputs: Inputs, v: str) -> list[dict]:
+    """Per moment and weight matrix: shape, grad mean, grad std, grad:data ratio."""
+    rows = []
+    for when, snap in _moments(inputs, v):
+        for name, w in snap.weights.items() if snap else []:
+            rows.append({
+                "when": f"{when} (step {snap.step:,})", "weight": name,
+                "shape": " x ".join(str(n) for n in w.grad.shape[1:]),
+                "grad mean": fmt_sci(w.grad_mean), "grad std": fmt_sci(w.grad_std),
+                "grad:data": fmt_sci(w.grad_data_ratio),
+            })  # fmt: skip
+    return rows

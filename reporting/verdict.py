@@ -1,0 +1,179 @@
+"""The verdict at depth: deep variants compared within their family, parameter counts,
+and the sentences the report's summary adds about them.
+
+"Does BatchNorm win at depth?" is answered by the paired intervals of
+reporting/intervals.py between a deep variant with BatchNorm and one without of the
+same family (``reporting.stats.family``: depth, width, nonlinearity), seeds paired by
+their value (a deep variant may train its own seeds, ``variants.<name>.train.seeds``).
+Pure functions of ``reporting.stats.Inputs``; no plotting.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+from charlm.config import TrainConfig, VariantConfig
+from reporting.intervals import Paired, paired_difference
+from reporting.stats import Inputs, families, family, summary_paragraph
+
+FULL_STEPS = 200_000  # the lecture's run
+FULL_DECAY = 150_000  # its deep network's lr decay step (lr 0.1, then 0.01)
+
+
+def has_batchnorm(inputs: Inputs, v: str) -> bool:
+    """True if variant ``v`` normalises a layer (``batchnorm`` or ``batchnorm_output``)."""
+    raw = (inputs.params.get("variants") or {}).get(v) or {}
+    return bool(raw.get("batchnorm") or raw.get("batchnorm_output"))
+
+
+def deep_families(inputs: Inputs) -> list[list[str]]:
+    """Groups of comparable deep variants (``family`` with the deep form), params order."""
+    return [g for g in families(inputs) if family(inputs, g[0])[0]]
+
+
+def paired_by_seed(inputs: Inputs, a: str, b: str, split: str = "val") -> Paired:
+    """``a - b`` on ``split`` over the seeds both variants ran (in ``a``'s order)."""
+    va = dict(zip(inputs.metrics[a]["seeds"], inputs.metrics[a]["per_seed"][split], strict=True))
+    vb = dict(zip(inputs.metrics[b]["seeds"], inputs.metrics[b]["per_seed"][split], strict=True))
+    common = [s for s in va if s in vb]
+    return paired_difference([va[s] for s in common], [vb[s] for s in common], a, b)
+
+
+def depth_comparisons(inputs: Inputs, split: str = "val") -> list[Paired]:
+    """Every pair of deep variants of the same family, paired by seed value."""
+    return [
+        paired_by_seed(inputs, a, b, split)
+        for group in deep_families(inputs)
+        for a, b in combinations(group, 2)
+    ]
+
+
+def batchnorm_pair(inputs: Inputs) -> tuple[str, str] | None:
+    """(with BatchNorm, without) for the first deep family that has both, else None."""
+    for group in deep_families(inputs):
+        bn = [v for v in group if has_batchnorm(inputs, v)]
+        plain = [v for v in group if not has_batchnorm(inputs, v)]
+        if bn and plain:
+            return bn[0], plain[0]
+    return None
+
+
+def depth_sentence(inputs: Inputs, split: str = "val") -> str:
+    """One sentence answering "does BatchNorm win at depth?" with its paired interval
+    of (without - with) BatchNorm, in nats of ``split`` loss; '' with no deep variant."""
+    deep = [v for g in deep_families(inputs) for v in g]
+    if not deep:
+        return ""
+    pair = batchnorm_pair(inputs)
+    if pair is None:
+        return (
+            f"At depth, there is no pair of deep variants with and without BatchNorm of the "
+            f"same depth and width in this run ({', '.join(deep)}), so no verdict."
+        )
+    bn, plain = pair
+    _, layers, width, kind = family(inputs, bn)
+    where = f"At depth ({layers} hidden {kind} layers of {width} units)"
+    c = paired_by_seed(inputs, plain, bn, split)  # > 0: BatchNorm is better
+    seeds = f"over {c.n} paired seed{'s' if c.n != 1 else ''}"
+    if c.mean is None:
+        return f"{where}, {bn} and {plain} have no seed with a finite {split} loss in common."
+    diff = f"{plain} - {bn} = {c.mean:+.4f}"
+    if c.lo is None:
+        return f"{where}, {diff} nats of {split} loss {seeds}: too few for an interval."
+    ci = f"paired 95% CI [{c.lo:+.4f}, {c.hi:+.4f}]"
+    if c.lo > 0:
+        verb = f"BatchNorm (**{bn}**) beats no BatchNorm ({plain}) by {c.mean:.4f} nats"
+    elif c.hi < 0:
+        verb = f"BatchNorm (**{bn}**) loses to no BatchNorm ({plain}) by {-c.mean:.4f} nats"
+    else:
+        return (
+            f"{where}, BatchNorm ({bn}) does not clearly win: {diff} nats of {split} loss "
+            f"({ci}, which includes zero) {seeds}."
+        )
+    return f"{where}, {verb} of {split} loss ({diff}, {ci}) {seeds}."
+
+
+def train_of(inputs: Inputs, v: str) -> TrainConfig:
+    """Variant ``v``'s training run: the global ``train`` with its own overrides.
+
+    Raises:
+        ValueError: params.yaml's ``train`` or ``variants.<v>`` is not valid.
+    """
+    base = TrainConfig.model_validate(inputs.params.get("train") or {})
+    return VariantConfig.model_validate(inputs.params["variants"][v]).train_config(base)
+
+
+def full_run_command(inputs: Inputs, variants: list[str]) -> str:
+    """The ``dvc exp run`` that trains ``variants`` for the lecture's 200,000 steps
+    (with its lr decay at 150,000 where the variant decays elsewhere)."""
+    parts = ["dvc exp run"]
+    for v in variants:
+        own = (inputs.params["variants"][v].get("train") or {}).keys()
+        for key, value in (("max_steps", FULL_STEPS), ("lr_decay_step", FULL_DECAY)):
+            if key == "lr_decay_step" and train_of(inputs, v).lr_decay_step == FULL_DECAY:
+                continue
+            prefix = "" if key in own else "++"  # ++: add the key or set it
+            parts.append(f"-S {prefix}variants.{v}.train.{key}={value}")
+    return " ".join(parts)
+
+
+def deep_run_sentence(inputs: Inputs) -> str:
+    """How long and with which seeds each deep variant trained, and the command for the
+    full run; '' with no deep variant."""
+    deep = [v for g in deep_families(inputs) for v in g]
+    if not deep:
+        return ""
+    runs = []
+    for v in deep:
+        t = train_of(inputs, v)
+        n = len(t.seeds)
+        runs.append(
+            f"{v} {t.max_steps:,} steps (lr {t.lr:g}, then {t.lr_decayed:g} from step "
+            f"{t.lr_decay_step:,}), {n} seed{'s' if n != 1 else ''}"
+        )
+    short = [v for v in deep if train_of(inputs, v).max_steps < FULL_STEPS]
+    text = "The deep variants ran " + "; ".join(runs) + "."
+    if short:
+        text += (
+            f" The lecture trains them for {FULL_STEPS:,} steps: "
+            f"`{full_run_command(inputs, short)}`."
+        )
+    return text
+
+
+def summary(inputs: Inputs) -> str:
+    """The report's opening paragraph: ``reporting.stats.summary_paragraph`` and, when
+    deep variants ran, the depth verdict and their run length."""
+    parts = [summary_paragraph(inputs), depth_sentence(inputs), deep_run_sentence(inputs)]
+    return " ".join(p for p in parts if p)
+
+
+def paired_rows(comps: list[Paired]) -> list[dict]:
+    """The table of paired comparisons: mean difference (first - second), sd, t quantile,
+    the t interval and the bootstrap interval (nats)."""
+    return [{
+        "first": c.a, "second": c.b, "pairs": c.n, "mean difference": c.mean, "sd": c.sd,
+        "t (0.975, n-1)": c.t, "95% CI low": c.lo, "95% CI high": c.hi,
+        "bootstrap 95% low": c.boot_lo, "bootstrap 95% high": c.boot_hi,
+    } for c in comps]  # fmt: skip
+
+
+def param_rows(inputs: Inputs) -> list[dict]:
+    """Every variant's network and parameter count per model (one seed): metrics.json's
+    ``n_params``, else the diagnostics' (None when neither has it)."""
+    rows = []
+    for v in inputs.variants:
+        deep, layers, width, kind = family(inputs, v)
+        n = inputs.metrics[v].get("n_params") or inputs.diagnostics[v].n_params or None
+        rows.append(
+            {
+                "variant": v,
+                "form": "deep" if deep else "one hidden layer",
+                "hidden layers": layers,
+                "units": width,
+                "nonlinearity": kind,
+                "BatchNorm": "yes" if has_batchnorm(inputs, v) else "no",
+                "parameters": "–" if n is None else f"{n:,}",
+            }
+        )
+    return rows

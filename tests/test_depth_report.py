@@ -1,0 +1,397 @@
+"""The deep variants' part of the report, on synthetic records (charlm.artefacts).
+
+Five hidden tanh layers, three seeds: each figure function draws (or says why not), the
+tables hold mean ± sd across seeds computed here independently, deep variants are compared
+only among themselves, and the summary sentence carries the paired interval. The last
+test executes the whole template with papermill on a synthetic evaluate directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from matplotlib.figure import Figure
+
+from charlm import artefacts as A
+from reporting import depth as rd
+from reporting import stats as rs
+from reporting import verdict as rv
+
+S, B, H, LAYERS, V = 3, 16, 8, 5, 27
+SEEDS = [2147483647, 1, 2]
+DEEP = {"layers": LAYERS, "n_hidden": H, "gain": 1.0}
+PARAMS = {
+    "model": {"n_embd": 10, "n_hidden": 200},
+    "train": {"seeds": SEEDS, "max_steps": 2000, "lr_decay_step": 1500, "batch_size": 32},
+    "variants": {
+        "naive": {"w1_init": "normal", "w1_scale": 1.0},
+        "kaiming": {"w1_init": "kaiming", "gain": None},
+        "deep_bn": {**DEEP, "batchnorm": True, "batchnorm_output": True},
+        "deep_tanh": {**DEEP, "gain": 5 / 3},
+    },
+}
+VAL = {  # per-seed val losses: deep_tanh is worse by 0.02 ± 0.001
+    "naive": [2.17, 2.18, 2.16],
+    "kaiming": [2.11, 2.10, 2.12],
+    "deep_bn": [2.30, 2.31, 2.29],
+    "deep_tanh": [2.321, 2.329, 2.310],
+}
+N_PARAMS = {"naive": 11_897, "kaiming": 11_897, "deep_bn": 47_024, "deep_tanh": 46_497}
+
+
+def snapshot(step: int, g: torch.Generator, scale: float) -> A.Snapshot:
+    layers = []
+    for i in range(LAYERS):
+        out = torch.tanh(scale * (i + 1) * torch.randn(S, B, H, generator=g))
+        grad = 1e-3 * (i + 1) * torch.randn(S, B, H, generator=g)
+        flat, gflat = out.reshape(S, -1), grad.reshape(S, -1)
+        layers.append(A.LayerSnapshot(
+            name=f"layers.{3 * i + 2}", kind="tanh", out=out, out_grad=grad,
+            mean=flat.mean(1).tolist(), std=flat.std(1).tolist(),
+            saturated=(flat.abs() > 0.97).float().mean(1).tolist(),
+            grad_mean=gflat.mean(1).tolist(), grad_std=gflat.std(1).tolist(),
+        ))  # fmt: skip
+    weights = {}
+    shapes = {
+        "C": (V, 10),
+        "layers.0.weight": (30, H),
+        **{f"layers.{3 * i}.weight": (H, H) for i in range(1, LAYERS)},
+        "layers.15.weight": (H, V),
+    }
+    for name, (fan_in, fan_out) in shapes.items():
+        grad = 1e-2 * torch.randn(S, fan_in, fan_out, generator=g)
+        gs = grad.reshape(S, -1).std(1)
+        data = torch.full((S,), 0.5) + 0.01 * torch.arange(S)
+        weights[name] = A.WeightSnapshot(
+            grad=grad, grad_mean=grad.reshape(S, -1).mean(1).tolist(), grad_std=gs.tolist(),
+            data_std=data.tolist(), grad_data_ratio=(gs / data).tolist(),
+        )  # fmt: skip
+    return A.Snapshot(step=step, threshold=0.97, layers=layers, weights=weights)
+
+
+def diagnostics(deep: bool, seed: int = 0) -> A.Diagnostics:
+    g = torch.Generator().manual_seed(seed)
+    P, R = 4, 3
+    acts = {
+        "saturated": {"0.97": [0.0] * S}, "dead": [0] * S, "hpreact_mean": [0.0] * S,
+        "hpreact_std": [1.0] * S, "hpreact": torch.zeros(S, P, H), "h": torch.zeros(S, P, H),
+        "image": torch.zeros(S, P, H, dtype=torch.bool),
+    }  # fmt: skip
+    snaps = {"snapshot": snapshot(1000, g, 0.5), "final": snapshot(1999, g, 0.7)}
+    names = list(snaps["final"].weights) if deep else ["C", "W1", "W2"]
+    return A.Diagnostics(
+        seeds=SEEDS, diverged_at=[None] * S, probe_index=torch.arange(P), thresholds=[0.97],
+        curve={"window": 1000, "step": torch.tensor([0, 1000]),
+               "log10_loss": torch.full((2, S), 0.4, dtype=torch.float64)},
+        init_loss={"step0": [3.29] * S, "uniform": math.log(V), "loss": [3.29] * S,
+                   "logits_std": [0.1] * S, "logits_std_predicted": [0.1] * S,
+                   "p_target_median": [0.03] * S, "p_max": [0.05] * S, "h_rms": [0.6] * S,
+                   "output_weight": names[-1], "output_weight_std": [0.01] * S},
+        layers=[{"activations": {"init": acts, "final": acts}, "dh": torch.zeros(S, P, H)}],
+        weights={n: {"grad_mean": torch.zeros(S), "grad_std": torch.ones(S),
+                     "grad_data_ratio": torch.ones(S),
+                     "update_ratio": -3 + 0.1 * torch.randn(R, S, generator=g)} for n in names},
+        update_steps=torch.tensor([0, 1000, 1999]), batchnorm=None,
+        snapshots=snaps if deep else None, n_params=N_PARAMS["deep_bn"] if deep else 11_897,
+    )  # fmt: skip
+
+
+def metrics(v: str) -> dict:
+    val = VAL[v]
+    per_seed = {k: [x + d for x in val] for k, d in (("train", -0.05), ("val", 0), ("test", 0))}
+    per_seed.update(init_loss=[3.3] * S, val_unseen=val, test_unseen=val, diverged=[False] * S,
+                    diverged_at=[None] * S)  # fmt: skip
+    canonical = {k: per_seed[k][0] for k in ("init_loss", "train", "val", "test")}
+    return {"seeds": SEEDS, "n_diverged": 0, "per_seed": per_seed, "canonical": canonical,
+            "n_params": N_PARAMS[v]}  # fmt: skip
+
+
+def make_inputs(variants: list[str] | None = None) -> rs.Inputs:
+    vs = variants or list(PARAMS["variants"])
+    params = {**PARAMS, "variants": {v: PARAMS["variants"][v] for v in vs}}
+    return rs.Inputs(
+        params=params, counts={"vocab_size": V}, variants=vs,
+        metrics={v: metrics(v) for v in vs}, samples={},
+        diagnostics={v: diagnostics(v.startswith("deep"), i) for i, v in enumerate(vs)},
+        runs={},
+    )  # fmt: skip
+
+
+def pm(values: list[float], spec: str) -> tuple[str, str]:
+    return format(statistics.fmean(values), spec), format(statistics.stdev(values), spec)
+
+
+# ---- figures ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [rd.activation_lines, rd.gradient_lines, rd.weight_gradient_lines, rd.update_ratio_lines],
+)
+def test_every_deep_figure_draws_one_line_per_layer_or_weight(draw):
+    fig, notes = draw(make_inputs(), "deep_bn")
+    assert isinstance(fig, Figure) and notes == []
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+    if draw in (rd.activation_lines, rd.gradient_lines):
+        assert labels[:LAYERS] == [f"layer {3 * i + 2} (tanh)" for i in range(LAYERS)]
+    elif draw is rd.weight_gradient_lines:
+        assert labels[0].startswith("C (27x10), grad:data ")
+        assert labels[1].startswith(f"layers.0.weight (30x{H})")
+    else:
+        assert "1e-3 guide" in labels and "layers.15.weight" in labels
+        (guide,) = [ln for ln in fig.axes[0].lines if ln.get_label() == "1e-3 guide"]
+        assert guide.get_linestyle() == "--" and guide.get_ydata()[0] == -3
+
+
+def test_degenerate_snapshots_give_not_drawn_notes():
+    inputs = make_inputs()
+    d = inputs.diagnostics["deep_tanh"]
+    del d.snapshots["snapshot"]  # a run shorter than the lecture's step 1,000
+    for x in d.snapshots["final"].layers:
+        x.out_grad.zero_()  # an all-zero gradient: no distribution
+    _, notes = rd.gradient_lines(inputs, "deep_tanh")
+    texts = [n.text for n in notes]
+    assert any("snapshot: not recorded" in t for t in texts)
+    assert any("every gradient distribution is constant or not finite" in t for t in texts)
+    inputs.metrics["deep_tanh"]["per_seed"]["diverged"] = [True] * S
+    fig, notes = rd.update_ratio_lines(inputs, "deep_tanh")
+    assert fig is None and "every seed diverged" in notes[0].text
+    fig, notes = rd.activation_lines(inputs, "deep_tanh")
+    assert any("every seed diverged" in n.text for n in notes)
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+
+def test_tables_hold_mean_and_sd_across_seeds():
+    inputs = make_inputs()
+    snap = inputs.diagnostics["deep_bn"].snapshots["final"]
+    rows = [r for r in rd.activation_rows(inputs, "deep_bn") if r["when"].startswith("final")]
+    assert len(rows) == LAYERS and rows[0]["layer"] == "layer 2 (tanh)"
+    x = snap.layers[3]
+    outs = [x.out[s].std().item() for s in range(S)]  # recomputed from the tensors
+    mean, sd = pm(outs, ".2f")
+    assert rows[3]["std"] == f"{mean} ± {sd} (n = 3)"
+    sat = [100 * (x.out[s].abs() > 0.97).float().mean().item() for s in range(S)]
+    mean, sd = pm(sat, ".2f")
+    assert rows[3]["% |out| > 0.97"] == f"{mean} ± {sd} % (n = 3)"
+    grows = rd.gradient_rows(inputs, "deep_bn")
+    gs = [x.out_grad[s].std().item() for s in range(S)]
+    assert grows[LAYERS + 3]["grad std"].startswith(f"{statistics.fmean(gs):.3e} ± ")
+    wrows = [r for r in rd.weight_rows(inputs, "deep_bn") if r["weight"] == "layers.15.weight"]
+    w = snap.weights["layers.15.weight"]
+    ratio = [w.grad[s].std().item() / w.data_std[s] for s in range(S)]
+    assert wrows[1]["shape"] == f"{H} x {V}"
+    assert wrows[1]["grad:data"] == (
+        f"{statistics.fmean(ratio):.3e} ± {statistics.stdev(ratio):.2e} (n = 3)"
+    )
+
+
+def test_parameter_counts_of_every_variant():
+    rows = rv.param_rows(make_inputs())
+    assert [r["parameters"] for r in rows] == ["11,897", "11,897", "47,024", "46,497"]
+    assert [r["form"] for r in rows] == ["one hidden layer"] * 2 + ["deep"] * 2
+    assert [r["BatchNorm"] for r in rows] == ["no", "no", "yes", "no"]
+
+
+# ---- the verdict at depth --------------------------------------------------------------------
+
+
+def test_deep_variants_are_compared_only_among_themselves():
+    inputs = make_inputs()
+    assert [(c.a, c.b) for c in rs.comparisons(inputs)] == [("naive", "kaiming")]
+    assert [(c.a, c.b) for c in rv.depth_comparisons(inputs)] == [("deep_bn", "deep_tanh")]
+    # the summary ranks the one-layer family only: deep_bn never its "runner-up"
+    assert "deep" not in rs.summary_paragraph(inputs)
+
+
+def test_summary_sentence_answers_with_the_paired_interval():
+    inputs = make_inputs()
+    d = [t - b for t, b in zip(VAL["deep_tanh"], VAL["deep_bn"], strict=True)]
+    mean, sd = statistics.fmean(d), statistics.stdev(d)
+    half = 4.302652729749 * sd / math.sqrt(3)  # t(0.975, 2)
+    text = rv.summary(inputs)
+    assert (
+        f"At depth (5 hidden tanh layers of {H} units), BatchNorm (**deep_bn**) beats no "
+        f"BatchNorm (deep_tanh) by {mean:.4f} nats of val loss (deep_tanh - deep_bn = "
+        f"{mean:+.4f}, paired 95% CI [{mean - half:+.4f}, {mean + half:+.4f}]) over 3 paired "
+        "seeds." in text
+    )
+    assert (
+        "The deep variants ran deep_bn 2,000 steps (lr 0.1, then 0.01 from step 1,500), 3 seeds"
+        in text
+    )
+    assert (
+        "`dvc exp run -S ++variants.deep_bn.train.max_steps=200000 "
+        "-S ++variants.deep_bn.train.lr_decay_step=150000 "
+        "-S ++variants.deep_tanh.train.max_steps=200000 "
+        "-S ++variants.deep_tanh.train.lr_decay_step=150000`" in text
+    )
+
+
+def test_seeds_pair_by_value_and_variant_train_overrides_count():
+    inputs = make_inputs()
+    inputs.params["variants"]["deep_bn"]["train"] = {"max_steps": 200_000,
+                                                     "lr_decay_step": 150_000}  # fmt: skip
+    m = inputs.metrics["deep_tanh"]
+    m["seeds"], m["per_seed"]["val"] = [SEEDS[1], SEEDS[0]], VAL["deep_tanh"][1::-1]
+    c = rv.paired_by_seed(inputs, "deep_tanh", "deep_bn")
+    assert c.n == 2 and c.mean == pytest.approx(statistics.fmean([0.021, 0.019]))
+    text = rv.deep_run_sentence(inputs)
+    assert "deep_bn 200,000 steps" in text
+    assert "`dvc exp run -S ++variants.deep_tanh.train.max_steps=200000" in text
+    assert "variants.deep_bn.train" not in text  # already the full run
+
+
+@pytest.mark.parametrize("vs", [["naive", "kaiming"], ["naive", "deep_bn"]])
+def test_no_or_one_deep_variant_gives_no_verdict_and_no_error(vs):
+    inputs = make_inputs(vs)
+    assert rv.depth_comparisons(inputs) == []
+    if "deep_bn" in vs:
+        assert "no pair of deep variants" in rv.depth_sentence(inputs)
+        assert rd.deep_variants(inputs) == ["deep_bn"]
+    else:
+        assert rv.depth_sentence(inputs) == rv.deep_run_sentence(inputs) == ""
+        assert rv.summary(inputs) == rs.summary_paragraph(inputs)
+
+
+# ---- the template, executed --------------------------------------------------------------
+
+
+def write_eval_dir(root: Path, inputs: rs.Inputs) -> None:
+    """params.yaml, counts.json and each variant's evaluate outputs, from ``inputs``."""
+    (root / "params.yaml").write_text(yaml.safe_dump(inputs.params), encoding="utf-8")
+    (root / "processed").mkdir()
+    counts = {"names": 100, "vocab_size": V, "block_size": 3, "windows": {"train": 80},
+              "words": {"train": 80, "val": 10, "test": 10},
+              "duplicates": {"distinct_names": 90, "repeated_lines": 10,
+                             "also_in_train": {"val": 1, "test": 1},
+                             "unseen_windows": {"val": 9, "test": 9}}}  # fmt: skip
+    (root / "processed" / "counts.json").write_text(json.dumps(counts), encoding="utf-8")
+    for v in inputs.variants:
+        out = root / "eval" / v
+        out.mkdir(parents=True)
+        torch.save(A.to_state(inputs.diagnostics[v]), out / "diagnostics.pt")
+        m = {**inputs.metrics[v], **inputs.metrics[v]["canonical"]}
+        (out / "metrics.json").write_text(json.dumps(m), encoding="utf-8")
+        samples = {"samples": [["ann"] * 2] * S, "share_in_train": [0.5] * S}
+        (out / "samples.json").write_text(json.dumps(samples), encoding="utf-8")
+
+
+def test_template_executes_on_synthetic_deep_records(tmp_path):
+    papermill = pytest.importorskip("papermill")
+    inputs = make_inputs()
+    write_eval_dir(tmp_path, inputs)
+    root = Path(__file__).resolve().parents[1]
+    nb = papermill.execute_notebook(
+        str(root / "reporting" / "template.ipynb"), str(tmp_path / "out.ipynb"),
+        parameters={"params_path": str(tmp_path / "params.yaml"),
+                    "eval_dir": str(tmp_path / "eval"), "data_dir": str(tmp_path / "processed"),
+                    "runs_dir": str(tmp_path / "runs"), "variants": inputs.variants},
+        cwd=str(root), kernel_name="python3", progress_bar=False,
+    )  # fmt: skip
+    text = json.dumps(nb["cells"])
+    assert "BatchNorm (**deep_bn**) beats no BatchNorm" in text
+    assert text.count("image/png") >= 2 * 4  # four deep figures per deep variant
+    assert "47,024" in text and "46,497" in text
+
+
+# ---- the sweep report: gain sensitivity at depth (synthetic dvc.api answers) -----------------
+
+
+def sweep_metrics(bn_gain: float, tanh_gain: float) -> dict:
+    """metrics.json of one run: BatchNorm holds; without it the activations vanish at
+    small gain (std shrinks layer by layer) and saturate at large gain."""
+
+    def entry(val: float, first: float, last: float, sat: float) -> dict:
+        depth = {"std_first": first, "std_last": last, "saturated_max": sat,
+                 "grad_std_first": 1e-3, "grad_std_last": 1e-3}  # fmt: skip
+        return {"val": val, "mean": {"val": val}, "std": {"val": 0.01}, "n_seeds": 2,
+                "depth": {"snapshot": depth, "final": depth}}  # fmt: skip
+
+    t = tanh_gain
+    return {
+        "kaiming": {"val": 2.10, "mean": {"val": 2.10}, "std": {"val": 0.01}},
+        "deep_bn": entry(2.30 + 0.001 * bn_gain, 0.64, 0.65, 2.0),
+        "deep_tanh": entry(2.30 + 0.05 * abs(t - 5 / 3), 0.6 * min(t, 1), 0.6 * min(t, 1) ** 5,
+                           min(95.0, 3.0 * t**3)),
+    }  # fmt: skip
+
+
+def sweep_runs() -> list:
+    from dvc.exceptions import DvcException
+
+    from tools import sweep_report as sr
+
+    def params(bn: object, tanh: object) -> dict:
+        return {"train": {"seeds": [1, 2]}, "variants": {
+            "kaiming": {"gain": None}, "deep_bn": {"layers": 5, "batchnorm": True, "gain": bn},
+            "deep_tanh": {"layers": 5, "gain": tanh}}}  # fmt: skip
+
+    rows = [{"Experiment": None, "rev": "workspace", "typ": "baseline", "State": None},
+            {"Experiment": None, "rev": "main", "typ": "baseline", "State": None}]  # fmt: skip
+    table = {"main": (params(1.0, None), sweep_metrics(1.0, 5 / 3))}
+    runs = [*((f"bn-{g}", g, None) for g in (0.5, 1.5, 3.0)),
+            *((f"tanh-{g}", 1.0, g) for g in (0.5, 1.0, 3.0)),
+            ("grid", 3.0, 3.0), ("queued", 2.0, None)]  # fmt: skip
+    for i, (name, bn, tanh) in enumerate(runs):
+        rev = f"{i}" * 7
+        state = "Queued" if name == "queued" else "Success"
+        rows.append({"Experiment": name, "rev": rev, "typ": "branch_commit", "State": state})
+        table[rev] = (params(bn, tanh), sweep_metrics(bn, 5 / 3 if tanh is None else tanh))
+
+    def lookup(i: int):
+        def get(rev: str) -> dict:
+            if rev not in table:
+                raise DvcException(f"unknown Git revision '{rev}'")
+            return table[rev][i]
+
+        return get
+
+    return sr.collect(rows, lookup(0), lookup(1))
+
+
+def test_null_gains_read_as_calculate_gain():
+    from tools.sweep_depth import resolve_gains
+
+    flat = {"variants.a.gain": None, "variants.b.gain": None, "variants.b.nonlinearity": "relu",
+            "variants.c.gain": 2.0, "train.lr": None}  # fmt: skip
+    assert resolve_gains(flat) == {**flat, "variants.a.gain": 5 / 3,
+                                   "variants.b.gain": math.sqrt(2)}  # fmt: skip
+
+
+def test_gain_table_keeps_runs_that_change_only_that_variants_gain():
+    from tools.sweep_depth import gain_table, swept
+
+    table = gain_table(sweep_runs())
+    bn = table[table.variant == "deep_bn"]
+    tanh = table[table.variant == "deep_tanh"]
+    # the queued run is left out; the grid run repeats a point (deduplicated)
+    assert bn["gain"].tolist() == [0.5, 1.0, 1.5, 3.0]
+    assert tanh["gain"].tolist() == pytest.approx([0.5, 1.0, 5 / 3, 3.0])
+    assert tanh.loc[tanh.baseline, "gain"].tolist() == pytest.approx([5 / 3])
+    assert tanh["std_last"].tolist() == pytest.approx([0.6 * 0.5**5, 0.6, 0.6, 0.6])
+    assert tanh["saturated_max"].iloc[-1] == pytest.approx(81.0)
+    assert bn["std_last"].tolist() == [0.65] * 4
+    assert swept(table) == ["deep_bn", "deep_tanh"]
+
+
+def test_sweep_page_draws_gain_sensitivity_at_depth():
+    from tools import sweep_report as sr
+
+    page = sr.render(sweep_runs())
+    assert "<h2>Gain sensitivity at depth</h2>" in page
+    assert "<h2>variants.deep_bn.gain</h2>" in page and "<h2>variants.deep_tanh.gain</h2>" in page
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "<b>Not plotted: 1 queued.</b>" in page
+    # without any deep variant's gain swept: no section
+    one = [r for r in sweep_runs() if r.baseline or r.name.startswith("bn-")]
+    for r in one:
+        r.metrics.pop("deep_bn")
+    assert "Gain sensitivity at depth" not in sr.render(one)
