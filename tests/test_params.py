@@ -235,9 +235,6 @@ ERRORS = [
     ("train.lr", "lr: -0.1", r"key 'train\.lr' = -0\.1: Input should be greater than 0"),
     ("train.lr_decayed", "lr_decayed: 0",
      r"key 'train\.lr_decayed' = 0: Input should be greater than 0"),
-    ("train.lr_decay_step", "lr_decay_step: 100000000",
-     r"key 'train\.lr_decay_step' = 100000000: lr_decay_step \(100000000\) must lie inside "
-     r"the run \(<= max_steps = \d+\)"),
     ("train.lr_decay_step", "lr_decay_step: -1",
      r"key 'train\.lr_decay_step' = -1: Input should be greater than or equal to 0"),
     ("variants.kaiming.gain", "gain: 0",
@@ -393,6 +390,15 @@ def test_a_variant_name_the_shell_would_expand_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ParamsError, match=r"nothere\.yaml: cannot read parameters"):
         params.validate(tmp_path / "nothere.yaml")
+
+
+def test_a_decay_step_past_the_run_means_no_decay(tmp_path):
+    """lr_decay_step >= max_steps is valid (it was an error): the run never decays, as
+    the deep variants' lecture schedule (decay at 150,000) in a shorter run."""
+    p = params.validate(edit(tmp_path, "train.lr_decay_step", "lr_decay_step: 100000000")[0])
+    cfg = p.train
+    assert cfg.lr_decay_step > cfg.max_steps
+    assert cfg.lr_at(cfg.max_steps - 1) == cfg.lr
 
 
 def test_uppercase_sha256_is_accepted(tmp_path):
