@@ -337,7 +337,8 @@ def test_file_level_errors(tmp_path, text, pattern):
 # grammar, which DVC parses -S with, reads a key as '.'-separated segments, each a letter,
 # '_' or '$' followed by letters, digits, '_', '-' or '$', or an integer without leading
 # zeros ('$' is refused for the shell, see below). Each list is checked against DVC.
-ADDRESSABLE = ["kaiming", "deep_bn", "A", "x2", "_a", "a-b", "bn-", "7", "1_0"]
+# (Each name replaces the variant kaiming, so none may be another default variant.)
+ADDRESSABLE = ["kaiming", "wide_bn", "A", "x2", "_a", "a-b", "bn-", "7", "1_0"]
 UNADDRESSABLE = ["2x", "-a", "a b", "a.b", "a@b", "a:b", "a/b", "a+b", "é", "01", ""]
 
 
@@ -480,7 +481,10 @@ def test_load_hands_out_only_declared_keys(stage, monkeypatch):
 def test_the_command_line_check_names_the_line_and_exits_1(tmp_path):
     """``python -m pipeline.params``, which ``make repro`` runs before ``dvc repro``."""
     good = run([sys.executable, "-m", "pipeline.params", "params.yaml"], cwd=ROOT)
-    assert "params.yaml: valid (3 variants: naive, kaiming, batchnorm)" in good.stdout
+    assert (
+        "params.yaml: valid (5 variants: naive, kaiming, batchnorm, deep_bn, deep_tanh)"
+        in good.stdout
+    )
     text = (ROOT / "params.yaml").read_text(encoding="utf-8")
     line = text[: text.index("batch_size:")].count("\n") + 1
     bad = tmp_path / "params.yaml"
