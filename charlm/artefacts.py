@@ -87,9 +87,9 @@ class BatchNormLayer(Record):
     """One BatchNorm module (named as in ``named_modules()``): per-unit statistics."""
 
     running_mean: torch.Tensor  # float32 (S, H)
-    running_std: torch.Tensor
-    calibrated_mean: torch.Tensor  # over the whole training split, after training
-    calibrated_std: torch.Tensor
+    running_std: torch.Tensor  # deep BatchNorm: sqrt(running_var), without eps
+    calibrated_mean: torch.Tensor | None  # over the whole training split, after training;
+    calibrated_std: torch.Tensor | None  # None for a deep network (one-layer calibration)
 
 
 class BatchNorm(Record):
@@ -97,7 +97,8 @@ class BatchNorm(Record):
 
     layers: dict[str, BatchNormLayer]
     loss_running: dict[str, list[float]]  # split -> S losses (nats), running statistics
-    loss_calibrated: dict[str, list[float]]  # the same with the calibrated statistics
+    loss_calibrated: dict[str, list[float]] | None  # the same with the calibrated
+    # statistics; None for a deep network (not calibrated)
 
 
 class LayerSnapshot(Record):

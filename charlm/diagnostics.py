@@ -3,7 +3,9 @@
 The pictures of makemore part 3 as numbers, for S stacked models. Every function
 works on a copy of the model's state where it would otherwise change it (a
 training-mode forward updates BatchNorm's running buffers), so calling them never
-changes the model that is evaluated.
+changes the model that is evaluated. Each function takes the one-layer ``MLP`` or a
+deep ``charlm.layers.DeepMLP`` (makemore part 3's second half): hidden layers are
+listed input side first, weight matrices by their ``named_parameters()`` names.
 """
 
 from __future__ import annotations
@@ -12,26 +14,61 @@ import copy
 
 import torch
 
+from charlm import layers
 from charlm.model import MLP, BatchNorm1d, cross_entropy_per_model
 
+Model = MLP | layers.DeepMLP
 
-def weight_matrices(model: MLP) -> list[str]:
+
+def forward_hidden(
+    model: Model, idx: torch.Tensor
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Per hidden layer (pre-activation, activation), each (S, B, H), and logits (S, B, V).
+
+    The pre-activation is the nonlinearity's input (after BatchNorm when there is one);
+    for a ``DeepMLP`` the activations are its hidden nonlinearities' outputs
+    (``hidden_indices``, the lecture's ``layer.out`` of each Tanh).
+    """
+    if isinstance(model, layers.DeepMLP):
+        outs = model.trace(idx)
+        return [(outs[i - 1], outs[i]) for i in model.hidden_indices], outs[-1]
+    hpreact, h = model.hidden(idx)
+    return [(hpreact, h)], torch.baddbmm(model.b2.unsqueeze(1), h, model.W2)
+
+
+def weight_matrices(model: Model) -> list[str]:
     """Names of the model's weight matrices, in ``named_parameters()`` order.
 
     A weight matrix is a parameter that is 2-d per model, i.e. (S, rows, cols) stacked:
     the embedding table and the Linear weights (C, W1, W2 for today's MLP), not the
     biases nor BatchNorm's gain and bias, which are (S, n). The last one maps the last
-    hidden layer to the logits.
+    hidden layer to the logits (W2, or the deep network's last Linear weight).
     """
     return [name for name, p in model.named_parameters() if p.dim() == 3]
 
 
-def batchnorm_layers(model: MLP) -> dict[str, BatchNorm1d]:
-    """The model's BatchNorm modules by ``named_modules()`` name (empty without any)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, BatchNorm1d)}
+def batchnorm_layers(model: Model) -> dict[str, BatchNorm1d | layers.BatchNorm1d]:
+    """The model's BatchNorm modules by ``named_modules()`` name (empty without any):
+    the one-layer ``bn`` or each of a deep network's ``layers.i``."""
+    kinds = (BatchNorm1d, layers.BatchNorm1d)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def activations(model: MLP, idx: torch.Tensor, train_mode: bool) -> list[dict[str, torch.Tensor]]:
+def running_std(bn: BatchNorm1d | layers.BatchNorm1d) -> torch.Tensor:
+    """A BatchNorm module's running std, float32 (S, H): the one-layer module keeps it;
+    the deep one keeps the variance, whose square root this is (without eps)."""
+    if isinstance(bn, layers.BatchNorm1d):
+        return bn.running_var.sqrt()
+    return bn.running_std.clone()
+
+
+def n_params(model: Model) -> int:
+    """Parameters of one model (one seed): 11,897 for the one-layer MLP, 47,024 for the
+    lecture's deep BatchNorm network."""
+    return sum(p.numel() for p in model.parameters()) // model.n_models
+
+
+def activations(model: Model, idx: torch.Tensor, train_mode: bool) -> list[dict[str, torch.Tensor]]:
     """Hidden pre-activations and tanh activations on a probe batch, per hidden layer.
 
     Args:
@@ -44,8 +81,8 @@ def activations(model: MLP, idx: torch.Tensor, train_mode: bool) -> list[dict[st
     """
     m = copy.deepcopy(model).train(train_mode)
     with torch.no_grad():
-        hpreact, h = m.hidden(idx)
-    return [{"hpreact": hpreact.cpu(), "h": h.cpu()}]
+        hidden, _ = forward_hidden(m, idx)
+    return [{"hpreact": hpreact.cpu(), "h": h.cpu()} for hpreact, h in hidden]
 
 
 def activation_summary(
@@ -79,13 +116,18 @@ def activation_summary(
 
 
 @torch.no_grad()
-def initial_logits(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]]:
+def initial_logits(
+    model: Model, idx: torch.Tensor, targets: torch.Tensor
+) -> dict[str, list[float]]:
     """Why a model's step-0 loss is what it is: its logits on a probe batch.
 
     Training mode, as at step 0. A model that knows nothing should predict the uniform
     distribution, loss -ln(1/V) = ln V (makemore part 3); large logits make the softmax
     confidently wrong instead. If W2 is N(0, s^2) and independent of h, each logit has
-    standard deviation about s * sqrt(H * mean(h^2)), reported as 'logits_std_predicted'.
+    standard deviation about s * sqrt(H * mean(h^2)), reported as 'logits_std_predicted'
+    (h: the last hidden layer); when a BatchNorm normalises the logits (a deep network's
+    ``batchnorm_output``) each has unit variance before its gamma, and the prediction is
+    sqrt(mean(gamma^2)) instead.
 
     Args:
         idx: int64 (S, P, T); targets: int64 (S, P).
@@ -99,18 +141,21 @@ def initial_logits(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict
     """
     m = copy.deepcopy(model).train(True)
     S = m.n_models
-    _, h = m.hidden(idx)
-    logits = torch.baddbmm(m.b2.unsqueeze(1), h, m.W2)  # (S, P, V)
+    hidden, logits = forward_hidden(m, idx)  # logits (S, P, V)
+    h = hidden[-1][1]
     probs = torch.softmax(logits.double(), dim=2)
     p_target = probs.gather(2, targets.unsqueeze(2)).reshape(S, -1)  # (S, P)
     h_rms = h.double().pow(2).reshape(S, -1).mean(1).sqrt()
     output_weight = weight_matrices(m)[-1]
     w2_std = m.get_parameter(output_weight).double().reshape(S, -1).std(1)
     H = h.shape[2]
+    predicted = w2_std * h_rms * H**0.5
+    if isinstance(m, layers.DeepMLP) and isinstance(m.layers[-1], layers.BatchNorm1d):
+        predicted = m.layers[-1].gamma.detach().double().pow(2).mean(1).sqrt()
     return {
         "loss": cross_entropy_per_model(logits, targets).double().tolist(),
         "logits_std": logits.double().reshape(S, -1).std(1).tolist(),
-        "logits_std_predicted": (w2_std * h_rms * H**0.5).tolist(),
+        "logits_std_predicted": predicted.tolist(),
         "p_target_median": p_target.quantile(0.5, dim=1).tolist(),
         "p_max": probs.amax(2).mean(1).tolist(),
         "h_rms": h_rms.tolist(),
@@ -137,7 +182,7 @@ def loss_curve(loss: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Ten
     return torch.arange(0, n, w), means
 
 
-def gradients(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict:
+def gradients(model: Model, idx: torch.Tensor, targets: torch.Tensor) -> dict:
     """Gradients of each model's loss on the probe batch, in training mode, by autograd.
 
     Returns, on the CPU: 'dh', a list with one float32 (S, P, H) per hidden layer, the
@@ -148,9 +193,9 @@ def gradients(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict:
     m = copy.deepcopy(model).train(True)
     for p in m.parameters():
         p.grad = None
-    _, h = m.hidden(idx)
-    h.retain_grad()
-    logits = torch.baddbmm(m.b2.unsqueeze(1), h, m.W2)  # (S, P, V)
+    hidden, logits = forward_hidden(m, idx)  # logits (S, P, V)
+    for _, h in hidden:
+        h.retain_grad()
     loss = cross_entropy_per_model(logits, targets)
     loss.sum().backward()  # models are independent: d(sum)/dp_s = dloss_s/dp_s
     S = model.n_models
@@ -163,7 +208,7 @@ def gradients(model: MLP, idx: torch.Tensor, targets: torch.Tensor) -> dict:
             "grad_std": g.std(1).cpu(),
             "grad_data_ratio": (g.std(1) / p.detach().reshape(S, -1).std(1)).cpu(),
         }
-    return {"dh": [h.grad.detach().cpu()], "weights": weights}
+    return {"dh": [h.grad.detach().cpu() for _, h in hidden], "weights": weights}
 
 
 @torch.no_grad()
@@ -194,3 +239,54 @@ def with_batchnorm_stats(model: MLP, mean: torch.Tensor, std: torch.Tensor) -> M
     m.bn.running_mean.copy_(mean)
     m.bn.running_std.copy_(std)
     return m
+
+
+def snapshot(model: layers.DeepMLP, capture: dict, threshold: float = 0.97) -> dict:
+    """One captured training step as the lecture prints it (makemore part 3, "diagnostic
+    tools"): the fields of ``charlm.artefacts.Snapshot``.
+
+    Args:
+        model: the deep models the step belongs to (names and nonlinearity).
+        capture: the step's 0-based 'step' and ``engine.TrainResult.captures[step]``:
+            'out' and 'out_grad' (hidden index -> (S, B, H)), 'grad' and 'param'
+            (parameter name -> (S, ...), 'param' after that step's update).
+        threshold: |out| above it counts as saturated (the lecture's 0.97; tanh only).
+    Returns:
+        Per hidden nonlinearity (input side first) mean, std, saturated share, and mean
+        and std of its gradient; per weight matrix (``model.weight_names``) the gradient,
+        its mean and std, the std of the weight after the update and their ratio. Stds
+        are unbiased (``Tensor.std``), lists hold S floats.
+    """
+    S = model.n_models
+    flat = lambda t: t.detach().double().reshape(S, -1)  # noqa: E731
+    hidden = []
+    for i in model.hidden_indices:
+        out, grad = capture["out"][i], capture["out_grad"][i]
+        tanh = model.nonlinearity == "tanh"
+        hidden.append(
+            {
+                "name": f"layers.{i}",
+                "kind": model.nonlinearity,
+                "out": out,
+                "out_grad": grad,
+                "mean": flat(out).mean(1).tolist(),
+                "std": flat(out).std(1).tolist(),
+                "saturated": (
+                    (flat(out).abs() > threshold).double().mean(1) if tanh else torch.zeros(S)
+                ).tolist(),
+                "grad_mean": flat(grad).mean(1).tolist(),
+                "grad_std": flat(grad).std(1).tolist(),
+            }
+        )
+    weights = {}
+    for name in model.weight_names:
+        g, p = capture["grad"][name], capture["param"][name]
+        grad_std, data_std = flat(g).std(1), flat(p).std(1)
+        weights[name] = {
+            "grad": g,
+            "grad_mean": flat(g).mean(1).tolist(),
+            "grad_std": grad_std.tolist(),
+            "data_std": data_std.tolist(),
+            "grad_data_ratio": (grad_std / data_std).tolist(),
+        }
+    return {"step": capture["step"], "threshold": threshold, "layers": hidden, "weights": weights}

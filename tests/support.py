@@ -35,6 +35,11 @@ TINY: dict[str, Any] = {
     },
     "evaluate": {"n_novelty": 50},
 }
+# The default deep variants override train's length and seeds (params.yaml): tiny too.
+TINY["variants"] = {
+    v: {"train": {k: TINY["train"][k] for k in ("seeds", "max_steps", "record_every")}}
+    for v in ("deep_bn", "deep_tanh")
+}
 
 
 def strict_json(path: Path) -> dict:

@@ -21,6 +21,7 @@ from torch.testing import assert_close
 from charlm import engine
 from charlm.config import FieldError, ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
+from charlm.diagnostics import snapshot as snapshot_records
 from charlm.evaluate import split_loss
 from charlm.layers import DeepMLP
 from charlm.model import build_mlp
@@ -94,8 +95,8 @@ def test_train_override_merges_over_the_global_section():
     cfg = v.train_config(base)
     assert (cfg.max_steps, cfg.lr_decay_step, cfg.seeds, cfg.lr) == (2000, 1500, [SEED], 0.1)
     assert VariantConfig().train_config(base) is base
-    with pytest.raises((ValidationError, FieldError), match="lr_decay_step"):
-        VariantConfig(train={"lr_decay_step": 5000}).train_config(base)
+    with pytest.raises((ValidationError, FieldError), match="max_steps"):
+        VariantConfig(train={"max_steps": 0}).train_config(base)
 
 
 # ------------------------------------------------------- counts and draws
@@ -311,3 +312,17 @@ def test_engine_reproduces_the_printed_statistics(splits):
         assert torch.equal(snap["param"][name], p.detach()), name
     losses = {k: float(split_loss(model, *splits[k])[0]) for k in SPLIT_LOSS}
     check(s, losses, float(result.loss[0, 0]), rel=1e-4)
+    # the same figures as the evaluate stage records them (artefacts.Snapshot)
+    rec = snapshot_records(model, {"step": 1000, **snap}, 0.97)
+    assert rec["step"] == 1000 and [la["name"] for la in rec["layers"]] == [
+        f"layers.{i}" for i in model.hidden_indices
+    ]
+    recorded = {
+        "tanh_std": [la["std"][0] for la in rec["layers"]],
+        "saturated": [la["saturated"][0] * 100 for la in rec["layers"]],
+        "tanh_mean": [la["mean"][0] for la in rec["layers"]],
+        "grad_std": [la["grad_std"][0] for la in rec["layers"]],
+        "grad_data": [w["grad_data_ratio"][0] for w in rec["weights"].values()],
+    }
+    assert list(rec["weights"]) == model.weight_names
+    check(recorded, losses, float(result.loss[0, 0]), rel=1e-4)

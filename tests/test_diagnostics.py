@@ -218,3 +218,103 @@ def test_evaluate_stage_diagnostics_are_valid_records(tmp_path):
     assert list(d.weights) == ["C", "W1", "W2"] and d.init_loss.output_weight == "W2"
     assert list(d.batchnorm.layers) == ["bn"] and d.batchnorm.loss_running == losses
     assert d.layers[0].activations["init"].h.shape == (2, 16, 20)
+
+
+# ------------------------------------------------------------------ deep networks
+
+DEEP = {
+    "deep_bn": VariantConfig(layers=3, n_hidden=16, batchnorm=True, batchnorm_output=True,
+                             gain=1.0),
+    "deep_tanh": VariantConfig(layers=3, n_hidden=16),
+}  # fmt: skip
+
+
+def deep_model(name: str, seeds=(1, 2)):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return build_mlp(ModelConfig(n_embd=10, n_hidden=200), DEEP[name], V, T, gens)
+
+
+@pytest.mark.parametrize("name", sorted(DEEP))
+def test_deep_gradients_activations_and_logits(name):
+    """One record per hidden nonlinearity; dloss/dh of the last one by hand (no output
+    BatchNorm) and every weight's gradient against autograd on the model's forward."""
+    m = deep_model(name)
+    x, y = probe(2)
+    assert diag.n_params(m) == sum(p[0].numel() for p in m.parameters())
+    assert diag.weight_matrices(m) == m.weight_names
+    assert list(diag.batchnorm_layers(m)) == (
+        ["layers.1", "layers.4", "layers.7", "layers.10"] if name == "deep_bn" else []
+    )
+    g = diag.gradients(m, x, y)
+    acts = diag.activations(m, x, train_mode=True)
+    outs = m.train().trace(x)
+    assert len(g["dh"]) == len(acts) == 3
+    for a, i in zip(acts, m.hidden_indices, strict=True):
+        assert torch.equal(a["h"], outs[i].detach()) and torch.equal(a["hpreact"], outs[i - 1])
+    if name == "deep_tanh":
+        W = m.layers[-1].weight.detach()
+        dlogits = torch.softmax(outs[-1].detach(), 2) - torch.nn.functional.one_hot(y, V)
+        assert_close(g["dh"][-1], torch.bmm(dlogits / x.shape[1], W.transpose(1, 2)))
+    for w, rec in g["weights"].items():
+        grad = torch.autograd.grad(m.train()(x, y)[1].sum(), m.get_parameter(w))[0]
+        assert_close(rec["grad_std"], grad.reshape(2, -1).std(1), rtol=1e-5, atol=0)
+    il = diag.initial_logits(m, x, y)
+    assert il["loss"] == pytest.approx(m.train()(x, y)[1].tolist(), rel=1e-6)
+    assert il["output_weight"] == m.weight_names[-1]
+    if name == "deep_bn":  # normalised logits: sd = rms of the output gamma (0.1)
+        assert il["logits_std_predicted"] == pytest.approx([0.1, 0.1], rel=1e-6)
+        assert il["logits_std"] == pytest.approx([0.1, 0.1], rel=0.05)
+
+
+def test_evaluate_stage_fills_the_deep_records():
+    """diagnose() on a deep BatchNorm model with train's captures: every hidden layer,
+    the running statistics of each BatchNorm, the snapshots and the parameter count."""
+    from charlm import engine
+    from charlm.config import EvaluateConfig, TrainConfig
+    from pipeline.stages.evaluate import depth_summary, diagnose
+    from pipeline.stages.train import capture_steps
+
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    m = build_mlp(ModelConfig(n_embd=10), DEEP["deep_bn"], V, T, gens)
+    init = deep_model("deep_bn")
+    X = torch.randint(0, V, (200, T), generator=torch.Generator().manual_seed(4))
+    Y = X[:, 0]
+    cfg = TrainConfig(seeds=[1, 2], max_steps=12, lr_decay_step=150_000, record_every=4)
+    steps = capture_steps(cfg.max_steps)
+    assert steps == {"final": 11}  # the lecture's step 1,000 lies past this run
+    result = engine.train(m, X, Y, gens, cfg, capture_steps=tuple(steps.values()))
+    captures = {k: {"step": i, **result.captures[i]} for k, i in steps.items()}
+    splits = {k: {"X": X, "Y": Y} for k in ("train", "val", "test")}
+    history = {"loss": result.loss, "record_steps": result.record_steps,
+               "update_ratio": result.update_ratio}  # fmt: skip
+    losses = {k: [2.0, 2.1] for k in splits}
+    x, y = probe(2)
+    fields = diagnose(m, init, history, (x, y), splits, losses,
+                      EvaluateConfig(curve_window=5), captures)  # fmt: skip
+    d = artefacts.from_state(
+        saved(artefacts.to_state(artefacts.Diagnostics(
+            seeds=[1, 2], diverged_at=[None, None], probe_index=torch.arange(16), **fields
+        )))
+    )  # fmt: skip
+    assert d.n_params == diag.n_params(m) and len(d.layers) == 3
+    assert list(d.weights) == m.weight_names
+    bn = d.batchnorm
+    assert list(bn.layers) == ["layers.1", "layers.4", "layers.7", "layers.10"]
+    assert bn.loss_calibrated is None and bn.layers["layers.1"].calibrated_mean is None
+    assert_close(bn.layers["layers.1"].running_std, m.layers[1].running_var.sqrt())
+    snap = d.snapshots["final"]
+    assert (snap.step, snap.threshold) == (11, 0.97)
+    assert [la.name for la in snap.layers] == ["layers.2", "layers.5", "layers.8"]
+    out = result.captures[11]["out"][2]
+    assert snap.layers[0].std == pytest.approx(out.reshape(2, -1).std(1).tolist(), rel=1e-6)
+    sat = (out.abs() > 0.97).float().reshape(2, -1).mean(1)
+    assert snap.layers[0].saturated == pytest.approx(sat.tolist())
+    w = snap.weights["layers.0.weight"]
+    after = m.layers[0].weight.detach().reshape(2, -1).std(1)  # the last step: the final state
+    assert w.data_std == pytest.approx(after.tolist(), rel=1e-6)
+    assert w.grad_data_ratio == pytest.approx((torch.tensor(w.grad_std) / after).tolist())
+    depth = depth_summary(artefacts.to_state(d)["snapshots"])
+    assert set(depth) == {"final"}
+    assert depth["final"]["std_first"] == pytest.approx(sum(snap.layers[0].std) / 2)
+    expected = sum(max(v) for v in zip(*(la.saturated for la in snap.layers), strict=True))
+    assert depth["final"]["saturated_max"] == pytest.approx(expected / 2 * 100)

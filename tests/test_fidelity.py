@@ -3,19 +3,26 @@
 The reference values are read from params.yaml (``report.reference``, what the report
 shows) and cross-checked against the constants below, copied from DESIGN.md, so that
 editing params.yaml cannot make this test pass.
-The full run takes minutes (3 variants x 8 seeds x 200,000 steps); it is part of the
-default ``make test`` run.
+The full run takes minutes (3 variants x 8 seeds x 200,000 steps, and the deep ones'
+shorter default runs); it is part of the default ``make test`` run. It then runs the
+lecture's deep BatchNorm network for its 1,001 steps on the canonical seed, as an
+experiment (issue 10's acceptance command, ``DEEP_EXPERIMENT``), and checks the figures
+the lecture prints against DESIGN.md's table ("The deep network").
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from support import make_repo, run, strict_json
+
+from charlm import artefacts
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
@@ -33,6 +40,23 @@ INIT_LOSS_TOL = 1e-4
 DEFAULT_TRAIN = {"max_steps": 200_000, "batch_size": 32, "lr": 0.1, "lr_decay_step": 100_000,
                  "lr_decayed": 0.01}  # fmt: skip
 CANONICAL_SEED = 2147483647
+
+# DESIGN.md, "The deep network": the lecture's printed output after 1,001 steps of deep_bn.
+DEEP_EXPERIMENT = ["-S", "++variants.deep_bn.train.max_steps=1001",
+                   "-S", f"++variants.deep_bn.train.seeds=[{CANONICAL_SEED}]"]  # fmt: skip
+DEEP_REFERENCE = {
+    "n_params": 47_024,
+    "init_loss": 3.2870,
+    "train": 2.4003,
+    "val": 2.3982,
+    "tanh_std": [0.63, 0.64, 0.65, 0.65, 0.65],  # printed to 2 decimals
+    "saturated_pct": [2.78, 2.56, 2.25, 1.69, 1.88],  # printed to 2 decimals
+    "grad_std": [2.640702e-03, 2.245584e-03, 2.045742e-03, 1.983134e-03, 1.952382e-03],
+    "grad_data": [8.012630e-03, 4.881091e-02, 6.964619e-02, 6.073741e-02, 5.631483e-02,
+                  5.570125e-02, 1.160106e-01],
+}  # fmt: skip
+DEEP_LOSS_TOL = 1e-4  # absolute, nats
+DEEP_REL = 1e-4  # relative, on the gradient stds and grad:data ratios
 
 
 def check_defaults(params_path: Path) -> None:
@@ -69,6 +93,36 @@ def check_metrics(metrics: dict, reference: dict) -> list[str]:
                     f"{variant}.{k} = {value:.6f}, reference {ref[k]} (|diff| "
                     f"{abs(value - ref[k]):.6f} > {tol})"
                 )
+    return misses
+
+
+def check_deep(metrics: dict, d: artefacts.Diagnostics) -> list[str]:
+    """Every way deep_bn's reports/metrics.json entry and diagnostics.pt snapshot miss
+    ``DEEP_REFERENCE`` (empty: match). Seed 0 of the 'snapshot' record (step 1,000)."""
+    ref, misses = DEEP_REFERENCE, []
+    for k in ("init_loss", "train", "val"):
+        v = metrics.get(k)
+        if not isinstance(v, float) or abs(v - ref[k]) > DEEP_LOSS_TOL:
+            misses.append(f"deep_bn.{k} = {v!r}, reference {ref[k]} (tol {DEEP_LOSS_TOL})")
+    if metrics.get("n_params") != ref["n_params"] or d.n_params != ref["n_params"]:
+        misses.append(f"n_params = {metrics.get('n_params')}/{d.n_params}, not 47,024")
+    snap = (d.snapshots or {}).get("snapshot")
+    if snap is None or snap.step != 1000:
+        return [*misses, "no snapshot of step 1,000 in diagnostics.pt"]
+    got = {
+        "tanh_std": [round(la.std[0], 2) for la in snap.layers],
+        "saturated_pct": [round(la.saturated[0] * 100, 2) for la in snap.layers],
+        "grad_std": [la.grad_std[0] for la in snap.layers],
+        "grad_data": [w.grad_data_ratio[0] for w in snap.weights.values()],
+    }
+    for k in ("tanh_std", "saturated_pct"):
+        if got[k] != ref[k]:
+            misses.append(f"{k} = {got[k]}, reference {ref[k]}")
+    for k in ("grad_std", "grad_data"):
+        if len(got[k]) != len(ref[k]) or any(
+            not abs(a - b) <= DEEP_REL * abs(b) for a, b in zip(got[k], ref[k], strict=False)
+        ):
+            misses.append(f"{k} = {got[k]}, reference {ref[k]} (rel {DEEP_REL})")
     return misses
 
 
@@ -109,3 +163,41 @@ def test_default_pipeline_reproduces_reference_numbers(tmp_path, repo_env):
     html = (root / "reports" / "report.html").read_text(encoding="utf-8")
     assert "The canonical seed matches 10 of 10 published numbers" in html
     assert "Outside the tolerance" not in html
+
+    # the lecture's deep run: 1,001 steps of deep_bn, canonical seed, as an experiment
+    run("git add dvc.lock reports && git commit -qm baseline", cwd=root, env=repo_env)
+    proc = run(["dvc", "exp", "run", *DEEP_EXPERIMENT], cwd=root, env=repo_env, timeout=3600)
+    ran = set(re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr))
+    assert ran == {"train@deep_bn", "evaluate@deep_bn", "report"}
+    metrics = strict_json(root / "reports" / "metrics.json")
+    state = torch.load(root / "data/eval/deep_bn/diagnostics.pt", weights_only=True)
+    misses = check_deep(metrics["deep_bn"], artefacts.from_state(state))
+    assert not misses, "deep_bn differs from DESIGN.md:\n  " + "\n  ".join(misses)
+
+
+def test_check_deep_can_fail():
+    """The deep comparison on made-up records: the reference passes; misses are named."""
+    ref = DEEP_REFERENCE
+    layers = [
+        {"name": f"layers.{i}", "kind": "tanh", "out": torch.zeros(1, 1, 1),
+         "out_grad": torch.zeros(1, 1, 1), "mean": [0.0], "std": [s], "saturated": [p / 100],
+         "grad_mean": [0.0], "grad_std": [g]}
+        for i, s, p, g in zip([2, 5, 8, 11, 14], ref["tanh_std"], ref["saturated_pct"],
+                              ref["grad_std"], strict=True)
+    ]  # fmt: skip
+    weights = {
+        f"w{i}": {"grad": torch.zeros(1, 1, 1), "grad_mean": [0.0], "grad_std": [r],
+                  "data_std": [1.0], "grad_data_ratio": [r]}
+        for i, r in enumerate(ref["grad_data"])
+    }  # fmt: skip
+    snap = artefacts.Snapshot(step=1000, threshold=0.97, layers=layers, weights=weights)
+    d = artefacts.Diagnostics.model_construct(snapshots={"snapshot": snap}, n_params=47_024)
+    metrics = {k: ref[k] for k in ("init_loss", "train", "val", "n_params")}
+    assert check_deep(metrics, d) == []
+    snap.layers[1].grad_std[0] *= 1 + 2e-4  # beyond rel 1e-4
+    snap.layers[0].std[0] = 0.6251  # prints 0.63 -> 0.63 still; 0.6249 would not
+    metrics["val"] += 2e-4
+    misses = check_deep(metrics, d)
+    assert [m.split(" ")[0] for m in misses] == ["deep_bn.val", "grad_std"]
+    snap.layers[0].std[0] = 0.6249
+    assert any(m.startswith("tanh_std") for m in check_deep(metrics, d))

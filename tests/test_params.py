@@ -235,9 +235,6 @@ ERRORS = [
     ("train.lr", "lr: -0.1", r"key 'train\.lr' = -0\.1: Input should be greater than 0"),
     ("train.lr_decayed", "lr_decayed: 0",
      r"key 'train\.lr_decayed' = 0: Input should be greater than 0"),
-    ("train.lr_decay_step", "lr_decay_step: 100000000",
-     r"key 'train\.lr_decay_step' = 100000000: lr_decay_step \(100000000\) must lie inside "
-     r"the run \(<= max_steps = \d+\)"),
     ("train.lr_decay_step", "lr_decay_step: -1",
      r"key 'train\.lr_decay_step' = -1: Input should be greater than or equal to 0"),
     ("variants.kaiming.gain", "gain: 0",
@@ -340,7 +337,8 @@ def test_file_level_errors(tmp_path, text, pattern):
 # grammar, which DVC parses -S with, reads a key as '.'-separated segments, each a letter,
 # '_' or '$' followed by letters, digits, '_', '-' or '$', or an integer without leading
 # zeros ('$' is refused for the shell, see below). Each list is checked against DVC.
-ADDRESSABLE = ["kaiming", "deep_bn", "A", "x2", "_a", "a-b", "bn-", "7", "1_0"]
+# (Each name replaces the variant kaiming, so none may be another default variant.)
+ADDRESSABLE = ["kaiming", "wide_bn", "A", "x2", "_a", "a-b", "bn-", "7", "1_0"]
 UNADDRESSABLE = ["2x", "-a", "a b", "a.b", "a@b", "a:b", "a/b", "a+b", "é", "01", ""]
 
 
@@ -393,6 +391,15 @@ def test_a_variant_name_the_shell_would_expand_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ParamsError, match=r"nothere\.yaml: cannot read parameters"):
         params.validate(tmp_path / "nothere.yaml")
+
+
+def test_a_decay_step_past_the_run_means_no_decay(tmp_path):
+    """lr_decay_step >= max_steps is valid (it was an error): the run never decays, as
+    the deep variants' lecture schedule (decay at 150,000) in a shorter run."""
+    p = params.validate(edit(tmp_path, "train.lr_decay_step", "lr_decay_step: 100000000")[0])
+    cfg = p.train
+    assert cfg.lr_decay_step > cfg.max_steps
+    assert cfg.lr_at(cfg.max_steps - 1) == cfg.lr
 
 
 def test_uppercase_sha256_is_accepted(tmp_path):
@@ -474,7 +481,10 @@ def test_load_hands_out_only_declared_keys(stage, monkeypatch):
 def test_the_command_line_check_names_the_line_and_exits_1(tmp_path):
     """``python -m pipeline.params``, which ``make repro`` runs before ``dvc repro``."""
     good = run([sys.executable, "-m", "pipeline.params", "params.yaml"], cwd=ROOT)
-    assert "params.yaml: valid (3 variants: naive, kaiming, batchnorm)" in good.stdout
+    assert (
+        "params.yaml: valid (5 variants: naive, kaiming, batchnorm, deep_bn, deep_tanh)"
+        in good.stdout
+    )
     text = (ROOT / "params.yaml").read_text(encoding="utf-8")
     line = text[: text.index("batch_size:")].count("\n") + 1
     bad = tmp_path / "params.yaml"

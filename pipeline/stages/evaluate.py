@@ -4,7 +4,10 @@ Reads params evaluate.*, ``--data`` (the split) and ``--model`` (train's directo
 writes to ``--out`` (a directory): metrics.json (per-seed and summary split losses,
 val_unseen/test_unseen: the windows of val/test names absent from train),
 diagnostics.pt (``charlm.artefacts.Diagnostics``: activations, gradients, BatchNorm
-statistics) and samples.json.
+statistics; for a deep variant the snapshots of the captured training steps read from
+``--model``/snapshots.pt) and samples.json. metrics.json also holds ``n_params`` (per
+model) and, for a deep variant, ``depth``: per snapshot the seed means of the first and
+last hidden layer's output std, the largest saturated share (%) and the gradient stds.
 Run: python -m pipeline.stages.evaluate --data data/processed --model data/models/kaiming \
     --out data/eval/kaiming --record data/runs/evaluate@kaiming.json
 """
@@ -24,6 +27,7 @@ from charlm import diagnostics as diag
 from charlm.config import EvaluateConfig, ModelConfig, VariantConfig
 from charlm.data import Vocabulary
 from charlm.evaluate import sample, split_loss
+from charlm.layers import DeepMLP
 from charlm.model import MLP, new_model
 from pipeline import outputs, params, records
 
@@ -32,7 +36,7 @@ SPLITS = ("train", "val", "test")
 UNSEEN = ("val_unseen", "test_unseen")
 
 
-def load_model(checkpoint: dict, which: str = "state_dict") -> MLP:
+def load_model(checkpoint: dict, which: str = "state_dict") -> MLP | DeepMLP:
     """Rebuild the trained (or, with ``which='init_state_dict'``, initial) models."""
     model_cfg = ModelConfig(**checkpoint["model"])
     variant = VariantConfig.model_validate(checkpoint["variant"], strict=False)
@@ -55,14 +59,64 @@ def summarise(values: list[float | None]) -> tuple[float | None, float | None]:
     return mean, std
 
 
+def depth_summary(snapshots: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """metrics.json's ``depth``: per snapshot label, means over the seeds with finite
+    values of 'std_first' and 'std_last' (output std of the first and last hidden
+    layer), 'saturated_max' (largest saturated share over the layers, %),
+    'grad_std_first' and 'grad_std_last' (std of the gradient at those outputs)."""
+    out = {}
+    for label, snap in snapshots.items():
+        first, last = snap["layers"][0], snap["layers"][-1]
+        per_layer = [la["saturated"] for la in snap["layers"]]
+        saturated = [max(v) * 100 for v in zip(*per_layer, strict=True)]  # S values, %
+        out[label] = {
+            "std_first": summarise(first["std"])[0],
+            "std_last": summarise(last["std"])[0],
+            "saturated_max": summarise(saturated)[0],
+            "grad_std_first": summarise(first["grad_std"])[0],
+            "grad_std_last": summarise(last["grad_std"])[0],
+        }
+    return out
+
+
+def batchnorm_records(model: MLP | DeepMLP, splits: dict, losses: dict) -> dict | None:
+    """``artefacts.BatchNorm`` fields: running statistics per BatchNorm module; for the
+    one-layer model also the calibrated ones (the lecture's calibration, which covers
+    one layer) and the split losses with them; None (not computed) for a deep model."""
+    modules = diag.batchnorm_layers(model)
+    if not modules:
+        return None
+    calibrated, loss_calibrated = {}, None
+    if not isinstance(model, DeepMLP):
+        calibrated = diag.calibrate_batchnorm(model, splits["train"]["X"])
+        recal = diag.with_batchnorm_stats(model, calibrated["mean"], calibrated["std"])
+        loss_calibrated = {
+            k: split_loss(recal, splits[k]["X"], splits[k]["Y"]).tolist() for k in SPLITS
+        }
+    return {
+        "layers": {
+            name: {
+                "running_mean": bn.running_mean.clone(),
+                "running_std": diag.running_std(bn),
+                "calibrated_mean": calibrated.get("mean"),
+                "calibrated_std": calibrated.get("std"),
+            }
+            for name, bn in modules.items()
+        },
+        "loss_running": losses,
+        "loss_calibrated": loss_calibrated,
+    }
+
+
 def diagnose(
-    model: MLP,
-    init: MLP,
+    model: MLP | DeepMLP,
+    init: MLP | DeepMLP,
     history: dict,
     probe: tuple[torch.Tensor, torch.Tensor],
     splits: dict,
     losses: dict[str, list[float]],
     cfg: EvaluateConfig,
+    captures: dict[str, dict] | None = None,
 ) -> dict:
     """Everything the report draws, computed here so the notebook only reads.
 
@@ -71,9 +125,12 @@ def diagnose(
     and the logits behind it, per hidden layer the activations at 'init' (the step-0
     forward pass, training mode) and 'final' (eval mode) on the probe batch and the
     gradient at its output at init, per weight matrix (named by the model) its gradient
-    at init and its update ratio over training, and for a BatchNorm model the running vs
+    at init and its update ratio over training, for a BatchNorm model the running vs
     calibrated statistics with the split ``losses`` (eval mode, running statistics)
-    beside those recomputed with the calibrated ones.
+    beside those recomputed with the calibrated ones (``batchnorm_records``), for a deep
+    model the ``captures`` of train's snapshots.pt as ``snapshots``
+    (``diag.snapshot``, saturation at ``cfg.saturation[0]``, the lecture's 0.97), and
+    the parameter count per model.
     """
     probe_x, probe_y = probe
     steps, log10_loss = diag.loss_curve(history["loss"], cfg.curve_window)
@@ -105,25 +162,14 @@ def diagnose(
             for name, g in grads["weights"].items()
         },
         "update_steps": history["record_steps"],
-        "batchnorm": None,
+        "batchnorm": batchnorm_records(model, splits, losses),
+        "n_params": diag.n_params(model),
+        "snapshots": None,
     }
-    if model.bn is not None:
-        calibrated = diag.calibrate_batchnorm(model, splits["train"]["X"])
-        recal = diag.with_batchnorm_stats(model, calibrated["mean"], calibrated["std"])
-        ((name, bn),) = diag.batchnorm_layers(model).items()  # calibration covers one layer
-        out["batchnorm"] = {
-            "layers": {
-                name: {
-                    "running_mean": bn.running_mean.clone(),
-                    "running_std": bn.running_std.clone(),
-                    "calibrated_mean": calibrated["mean"],
-                    "calibrated_std": calibrated["std"],
-                }
-            },
-            "loss_running": losses,
-            "loss_calibrated": {
-                k: split_loss(recal, splits[k]["X"], splits[k]["Y"]).tolist() for k in SPLITS
-            },
+    if captures is not None:
+        threshold = cfg.saturation[0]
+        out["snapshots"] = {
+            label: diag.snapshot(model, c, threshold) for label, c in captures.items()
         }
     return out
 
@@ -132,6 +178,9 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
     """Do the work; returns the metrics written to metrics.json."""
     checkpoint = torch.load(model_dir / "model.pt")
     history = torch.load(model_dir / "history.pt")
+    captures = None
+    if (model_dir / "snapshots.pt").exists():  # written for deep variants only
+        captures = torch.load(model_dir / "snapshots.pt")
     summary = json.loads((model_dir / "train.json").read_text(encoding="utf-8"))
     splits = {k: torch.load(data / f"{k}.pt") for k in (*SPLITS, *UNSEEN)}
     words = json.loads((data / "words.json").read_text(encoding="utf-8"))
@@ -164,7 +213,7 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         seeds=seeds,
         diverged_at=diverged_at,
         probe_index=pick,
-        **diagnose(model, init, history, probe, splits, losses, cfg),
+        **diagnose(model, init, history, probe, splits, losses, cfg, captures),
     )
 
     g = torch.Generator().manual_seed(cfg.sample_seed)
@@ -187,7 +236,10 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         "n_diverged": sum(diverged),
         "share_samples_in_train": in_train,
         "device": summary["device"],
+        "n_params": diagnostics.n_params,
     }
+    if diagnostics.snapshots is not None:
+        metrics["depth"] = depth_summary(artefacts.to_state(diagnostics)["snapshots"])
     for k in reported:
         metrics["mean"][k], metrics["std"][k] = summarise(per_seed[k])
     with outputs.atomic_path(out) as tmp:

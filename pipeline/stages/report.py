@@ -154,7 +154,9 @@ def _build_font_cache(env: dict[str, str]) -> None:
 
 
 def gather(eval_dir: Path, variants: list[str]) -> dict:
-    """reports/metrics.json: variant -> canonical split losses, init_loss, mean, std."""
+    """reports/metrics.json: variant -> canonical split losses, init_loss, mean, std,
+    parameters per model (``n_params``) and, for a deep variant, ``depth`` (per-layer
+    statistics at the lecture's snapshot step and at the end, seed means)."""
     out = {}
     for v in variants:
         m = json.loads((eval_dir / v / "metrics.json").read_text(encoding="utf-8"))
@@ -164,7 +166,10 @@ def gather(eval_dir: Path, variants: list[str]) -> dict:
             "std": m["std"],
             "n_seeds": len(m["seeds"]),
             "n_diverged": m["n_diverged"],
+            "n_params": m.get("n_params"),
         }
+        if "depth" in m:
+            out[v]["depth"] = m["depth"]
     return out
 
 

@@ -3,7 +3,10 @@
 Reads params model, train and variants.<variant>, and the split in ``--data``; writes
 to ``--out`` (a directory): model.pt (final and initial state with the config and
 vocabulary they were built from), history.pt (per-step loss (steps, S), update:data
-ratios), train.json (divergence); and ``--curve``, the loss curve CSV (a DVC plot).
+ratios), train.json (divergence), for a deep variant snapshots.pt ('snapshot' and 'final', see
+``capture_steps``: each the captured step's 'step' and ``engine.TrainResult.captures``); and
+``--curve``, the loss curve CSV (a DVC plot). The training run is the global ``train``
+section with the variant's ``train`` overrides (``VariantConfig.train_config``).
 Run: python -m pipeline.stages.train --variant kaiming --data data/processed \
     --out data/models/kaiming --curve reports/curves/kaiming.csv \
     --record data/runs/train@kaiming.json
@@ -42,6 +45,18 @@ def curve_rows(loss: torch.Tensor, window: int) -> list[str]:
     ]
 
 
+# The lecture's snapshot (makemore part 3: the statistics printed after 1,001 steps are
+# those of step 1,000's forward and backward pass).
+SNAPSHOT_STEP = 1000
+
+
+def capture_steps(max_steps: int) -> dict[str, int]:
+    """Label -> 0-based step captured for a deep variant: 'snapshot' (``SNAPSHOT_STEP``,
+    when the run is that long) and 'final' (the last step)."""
+    steps = {"snapshot": SNAPSHOT_STEP, "final": max_steps - 1}
+    return {k: v for k, v in steps.items() if v < max_steps}
+
+
 def diverged_steps(
     result: engine.TrainResult, model: torch.nn.Module, max_steps: int
 ) -> list[int | None]:
@@ -67,7 +82,10 @@ def train(
 ) -> tuple[dict, dict]:
     """Do the work; returns the summary written to train.json, and the timing of the
     training loop (device, worker threads, seconds, microseconds per model-step) for the
-    run record."""
+    run record. ``train_cfg`` is the global section; the run uses it merged with the
+    variant's overrides, and the checkpoint records the merged one."""
+    train_cfg = variant_cfg.train_config(train_cfg)
+    steps = capture_steps(train_cfg.max_steps) if variant_cfg.is_deep else {}
     vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))
     counts = json.loads((data / "counts.json").read_text(encoding="utf-8"))
     split = torch.load(data / "train.pt")
@@ -101,6 +119,7 @@ def train(
         variant_cfg.lr_scale,
         progress,
         workers=workers,
+        capture_steps=tuple(sorted(set(steps.values()))),
     )
     bar.close()
     summary = {
@@ -129,6 +148,9 @@ def train(
         tmp.mkdir()
         torch.save(checkpoint, tmp / "model.pt")
         torch.save(history, tmp / "history.pt")
+        if steps:  # deep variants only: one-layer model directories keep their files
+            snapshots = {k: {"step": i, **result.captures[i]} for k, i in steps.items()}
+            torch.save(snapshots, tmp / "snapshots.pt")
         (tmp / "train.json").write_text(outputs.dumps_json(summary), encoding="utf-8")
         curve_tmp.write_text("step,log10_loss\n" + "\n".join(rows) + "\n", encoding="utf-8")
     timing = {
