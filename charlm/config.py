@@ -10,7 +10,6 @@ change, so that the error can point at its line in params.yaml.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from typing import Any, Literal
@@ -328,47 +327,6 @@ class ReportConfig(_Strict):
     reference: dict[str, Reference] = Field(default_factory=dict)
 
 
-@functools.cache
-def _override_parser():  # hydra is imported when a params file is checked
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create()
-
-
-def unaddressable(name: str) -> str | None:
-    """Why ``dvc exp run -S variants.<name>.gain=...`` cannot address the variant
-    ``name``, or None when it can.
-
-    DVC parses ``-S`` with Hydra's override grammar (hydra/grammar/OverrideLexer.g4):
-    a key is '.'-separated segments, each a letter, '_' or '$' then letters, digits,
-    '_', '-' or '$', or an integer without leading zeros. The name is tried with
-    Hydra's own parser, so the rule cannot drift from what DVC accepts. '$' is refused
-    as well: dvc.yaml pastes the name into each stage's shell command (``${key}``).
-    """
-    from hydra.errors import HydraException
-
-    key = f"variants.{name}.gain"
-    try:
-        parsed = _override_parser().parse_override(f"{key}=1.0")
-    except HydraException as e:
-        why = str(e)
-    else:
-        segments = parsed.key_or_group.split(".")
-        if segments == ["variants", name, "gain"] and parsed.package is None:
-            if "$" not in name:
-                return None
-            return (
-                f"variant name {name!r} contains '$', which the shell would expand in the "
-                "stages' commands (dvc.yaml passes --variant ${key})"
-            )
-        why = f"it reads the key segments {segments} and the package {parsed.package!r}"
-    return (
-        f"variant name {name!r} cannot be addressed by `dvc exp run -S {key}=...` (Hydra's "
-        f"override grammar: {why}); use letters, digits, '_' and '-', starting with a letter "
-        "or '_'"
-    )
-
-
 class Params(_Strict):
     data: DataConfig
     split: SplitConfig = SplitConfig()
@@ -377,15 +335,6 @@ class Params(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     variants: dict[str, VariantConfig] = Field(min_length=1)
     report: ReportConfig = ReportConfig()
-
-    @field_validator("variants")
-    @classmethod
-    def _check_names(cls, v: dict[str, VariantConfig]) -> dict[str, VariantConfig]:
-        for name in v:
-            why = unaddressable(name)
-            if why:
-                raise FieldError((name,), why)
-        return v
 
     @model_validator(mode="after")
     def _check_batchnorm_batch(self) -> Params:

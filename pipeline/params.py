@@ -17,6 +17,7 @@ and a duplicate key is ruamel's error. An integral float (``200000.0``, as
 from __future__ import annotations
 
 import difflib
+import functools
 import typing
 import warnings
 from pathlib import Path
@@ -258,11 +259,58 @@ def _missing(path: Path, raw: Any, root: Any) -> list[str]:
     return lines
 
 
+@functools.cache
+def _override_parser():  # hydra is imported when a params file is checked
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def unaddressable(name: str) -> str | None:
+    """Why ``dvc exp run -S variants.<name>.gain=...`` cannot address variant ``name``
+    (None when it can): the override is parsed with Hydra's own parser, the grammar of
+    DVC's ``-S``, so the rule cannot drift. '$' is refused too: dvc.yaml pastes the name
+    into each stage's shell command (``${key}``)."""
+    from hydra.errors import HydraException
+
+    key = f"variants.{name}.gain"
+    try:
+        parsed = _override_parser().parse_override(f"{key}=1.0")
+    except HydraException as e:
+        why = str(e)
+    else:
+        segments = parsed.key_or_group.split(".")
+        if segments == ["variants", name, "gain"] and parsed.package is None:
+            if "$" not in name:
+                return None
+            return (
+                f"variant name {name!r} contains '$', which the shell would expand in the "
+                "stages' commands (dvc.yaml passes --variant ${key})"
+            )
+        why = f"it reads the key segments {segments} and the package {parsed.package!r}"
+    return (
+        f"variant name {name!r} cannot be addressed by `dvc exp run -S {key}=...` (Hydra's "
+        f"override grammar: {why}); use letters, digits, '_' and '-', starting with a letter "
+        "or '_'"
+    )
+
+
+def _names(path: Path, raw: Any, root: Any) -> list[str]:
+    """'file:line: ...' for each variant name that ``dvc exp run -S`` cannot address."""
+    variants = raw.get("variants") if isinstance(raw, dict) else None
+    lines = []
+    for name in variants if isinstance(variants, dict) else ():
+        why = unaddressable(str(name))
+        if why:
+            lines.append(f"{_where(path, root, ('variants', name))}: key 'variants.{name}': {why}")
+    return lines
+
+
 def _check(path: str | Path) -> tuple[Params, list[tuple[str, str]]]:
     """Validate; return the params and the advice as (dotted key, 'file:line: ...')."""
     path = Path(path)
     raw, root = _read(path)  # messages quote the values as DVC reads them
-    missing = _missing(path, raw, root)
+    missing = _missing(path, raw, root) + _names(path, raw, root)
     try:
         params = Params.model_validate(_integral(raw))
     except ValidationError as e:
