@@ -13,8 +13,9 @@ Repeats are interleaved (lecture, then every S) and the median is reported, so m
 load hits every column alike. Also printed: the engine's diagnostics cost
 (record_every=1000 against no recording), peak memory, the GEMM limit (FLOPs per
 model-step / torch.bmm throughput on the engine's own shapes, measured here), and
-whether the canonical seed's losses equal the lecture's bit for bit; the ensemble's
-first 20 losses must match the lecture's within 1e-4 (asserted).
+whether the canonical seed's losses equal the lecture's bit for bit; a 3-seed ensemble's
+losses, parameters and BatchNorm running buffers after 20 steps must be the lecture's
+loop's with the same seed within 1e-4 (asserted).
 Run: python -m benchmarks.bench [--steps 1000] [--deep-steps 300] [--seeds 1,8,64]
 The last line of output is one JSON object with every figure.
 """
@@ -61,7 +62,8 @@ LINEARS = {  # (fan_in, fan_out) of each network's Linear layers
     "shallow": [(T * E, H), (H, V)],
     "deep": [(T * E, 100), *[(100, 100)] * 4, (100, V)],
 }
-FUNC_CHECK_STEPS, FUNC_TOL = 20, 1e-4  # the ensemble's first losses against the lecture's
+# a 3-seed ensemble after 20 steps against the lecture's loop run with each seed
+FUNC_CHECK_STEPS, FUNC_CHECK_SEEDS, FUNC_TOL = 20, 3, 1e-4
 
 
 def gemm_flops(kind: str) -> int:
@@ -127,14 +129,16 @@ class PeakRSS:
         return None
 
 
-def time_lecture(X: torch.Tensor, Y: torch.Tensor, variant: str, steps: int) -> dict:
+def time_lecture(
+    X: torch.Tensor, Y: torch.Tensor, variant: str, steps: int, seed: int = CANONICAL
+) -> dict:  # fmt: skip
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         if variant.startswith("deep_"):
             bn = variant == "deep_bn"
-            loss = lecture_deep_train(X, Y, steps, bn, seed=CANONICAL, debug=False)["loss"]
+            loss = lecture_deep_train(X, Y, steps, bn, seed=seed, debug=False)["loss"]
         else:
-            _, loss = lecture_train(X, Y, variant, steps, seed=CANONICAL)
+            _, loss = lecture_train(X, Y, variant, steps, seed=seed)
         seconds = time.perf_counter() - t0
     return {"us": seconds / steps * 1e6, "loss": loss, "peak_mb": mem.peak, "delta_mb": mem.delta}
 
@@ -144,10 +148,11 @@ def time_engine(
     workers: int,
 ) -> dict:  # fmt: skip
     """One engine run of S seeds (the canonical seed first); record_every > steps: none."""
-    seeds = [CANONICAL, *range(1, S)]
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    generators = [torch.Generator().manual_seed(s) for s in seeds(S)]
     model = build_mlp(ModelConfig(), VARIANT_CFG[variant], V, T, generators)
-    cfg = TrainConfig(seeds=seeds, max_steps=steps, lr_decay_step=steps, record_every=record_every)
+    cfg = TrainConfig(
+        seeds=seeds(S), max_steps=steps, lr_decay_step=steps, record_every=record_every
+    )
     with PeakRSS() as mem:
         result = engine.train(model, X, Y, generators, cfg, workers=workers)
     return {
@@ -159,18 +164,50 @@ def time_engine(
 def time_func(
     X: torch.Tensor, Y: torch.Tensor, variant: str, S: int, steps: int, threads: int
 ) -> dict:  # fmt: skip
-    """One ``torch.func`` ensemble run of S seeds (canonical first), ``threads`` intra-op."""
+    """One ``torch.func`` ensemble run of S seeds (``seeds(S)``), ``threads`` intra-op."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with PeakRSS() as mem:
-            result = func_train(X, Y, variant, [CANONICAL, *range(1, S)], steps)
+            result = func_train(X, Y, variant, seeds(S), steps)
     finally:
         torch.set_num_threads(before)
     return {
         "us": result["seconds"] / steps / S * 1e6, "loss": result["loss"][:, 0],
         "peak_mb": mem.peak, "delta_mb": mem.delta,
     }  # fmt: skip
+
+
+def seeds(S: int) -> list[int]:
+    """The seeds of an S-model run: the canonical seed first, then 1, 2, ..."""
+    return [CANONICAL, *range(1, S)]
+
+
+def func_check(
+    X: torch.Tensor, Y: torch.Tensor, variant: str, n_seeds: int = 3, steps: int = 20
+) -> dict:  # fmt: skip
+    """The ``torch.func`` ensemble of ``seeds(n_seeds)`` against the lecture's loop run
+    with each seed, after ``steps`` steps: largest absolute difference of the losses
+    (every step), of the parameters and of the BatchNorm running buffers."""
+    ens = func_train(X, Y, variant, seeds(n_seeds), steps)
+    diff = {"loss": 0.0, "params": 0.0, "buffers": 0.0}
+    for j, seed in enumerate(seeds(n_seeds)):
+        if variant.startswith("deep_"):
+            ref = lecture_deep_train(X, Y, steps, variant == "deep_bn", seed=seed, debug=False)
+            loss, params, buffers = ref["loss"], ref["params"], ref["buffers"]
+        else:
+            params, loss = lecture_train(X, Y, variant, steps, seed=seed)
+            buffers = {k: params.pop(k) for k in list(params) if k.endswith("_running")}
+        for key, got, ref in (
+            ("params", ens["params"], params),
+            ("buffers", ens["buffers"], buffers),
+        ):
+            assert set(got) == set(ref), (key, sorted(got), sorted(ref))
+            for name, t in ref.items():
+                d = float((got[name][j].reshape(t.shape) - t).abs().max())
+                diff[key] = max(diff[key], d)
+        diff["loss"] = max(diff["loss"], float((ens["loss"][:, j] - loss).abs().max()))
+    return diff
 
 
 def gemm_limit(S: int, workers: int, kind: str = "shallow", repeats: int = 5) -> dict:
@@ -223,8 +260,8 @@ def measure(
 
     Runs are interleaved per repeat (lecture, then each S: engine modes, ensemble at
     each thread count); figures are medians. Raises AssertionError when the ensemble's
-    canonical seed leaves the lecture's losses by more than ``FUNC_TOL`` in its first
-    ``FUNC_CHECK_STEPS`` steps.
+    losses, parameters or running buffers leave the lecture's by more than ``FUNC_TOL``
+    (``func_check``).
     """
     kind = "deep" if variant.startswith("deep_") else "shallow"
     # record_every: the default, none, and every step (to size one record's cost)
@@ -235,6 +272,9 @@ def measure(
     time_lecture(X, Y, variant, 2)
     time_engine(X, Y, variant, 2, 2, 1, workers)
     time_func(X, Y, variant, 2, 2, func_threads[0])
+    check = func_check(X, Y, variant, FUNC_CHECK_SEEDS, FUNC_CHECK_STEPS)
+    bad = {k: v for k, v in check.items() if v > FUNC_TOL}
+    assert not bad, f"{variant}: torch.func ensemble off the lecture's loop by {bad}"
     for rep in range(repeats):
         runs["lecture"].append(time_lecture(X, Y, variant, steps))
         for S in seed_counts:
@@ -244,7 +284,6 @@ def measure(
                 runs[(S, t)].append(time_func(X, Y, variant, S, func_steps, t))
     lec = runs["lecture"]
     lec_us = statistics.median(r["us"] for r in lec)
-    n = min(FUNC_CHECK_STEPS, func_steps, steps)
     rows = []
     for S in seed_counts:
         eng = runs[(S, "default")]
@@ -257,8 +296,6 @@ def measure(
         func_us = {t: statistics.median(r["us"] for r in runs[(S, t)]) for t in func_threads}
         best = min(func_us, key=func_us.get)
         func = [r for t in func_threads for r in runs[(S, t)]]
-        func_diff = max(float((r["loss"][:n] - lec[0]["loss"][:n]).abs().max()) for r in func)
-        assert func_diff <= FUNC_TOL, f"{variant} S={S}: torch.func ensemble off by {func_diff}"
         target = TARGETS[kind].get(S)
         rows.append({
             "variant": variant, "seeds": S, "steps": steps, "lecture_us_per_step": lec_us,
@@ -270,7 +307,7 @@ def measure(
             "speedup_vs_func": func_us[best] / eng_us, "func_speedup": lec_us / func_us[best],
             "func_peak_rss_mb": max(r["peak_mb"] for r in func),
             "func_rss_growth_mb": _max_or_none(r["delta_mb"] for r in func),
-            "func_canonical_max_abs_loss_diff_first_steps": func_diff,
+            **{f"func_max_abs_{k}_diff_to_lecture": v for k, v in check.items()},
             "engine_no_diagnostics_us": bare_us,
             "diagnostics_overhead_pct": 100 * (eng_us / bare_us - 1),
             # one record's cost, measured at record_every=1, spread over 1000 steps
