@@ -8,7 +8,9 @@ shape if neither exists, and the output says so):
   the deep one without its debugging ``retain_grad`` and update:data lines);
 - ``charlm.engine.train`` (S models at once);
 - the ``torch.func`` ensemble of ``benchmarks/ensemble.py`` (S models at once, PyTorch's
-  model-ensembling recipe), timed with 1 and with N intra-op threads, the faster kept.
+  model-ensembling recipe), with one intra-op thread like the lecture (``--func-threads
+  1,2`` tries more and keeps the faster: on a machine shared with other jobs, torch's
+  spinning OpenMP threads made it 5-47x slower at S <= 8 in one run here).
 Repeats are interleaved (lecture, then every S) and the median is reported, so machine
 load hits every column alike. Also printed: the engine's diagnostics cost
 (record_every=1000 against no recording), peak memory, the GEMM limit (FLOPs per
@@ -331,10 +333,11 @@ def main() -> None:
                         help="steps per run, one-layer networks (default 1000)")  # fmt: skip
     parser.add_argument("--deep-steps", type=int, default=300,
                         help="steps per run, deep networks (default 300)")  # fmt: skip
-    parser.add_argument("--func-steps", type=int, default=300,
+    parser.add_argument("--func-steps", type=int, default=200,
                         help="at most this many steps per torch.func run")  # fmt: skip
-    parser.add_argument("--func-threads", default=f"1,{cpus}",
-                        help="intra-op threads tried for torch.func (default 1,CPUs)")  # fmt: skip
+    parser.add_argument("--func-threads", default="1",
+                        help="intra-op thread counts tried for torch.func, the faster "
+                        "kept (default 1; e.g. 1,2: slow on a shared machine)")  # fmt: skip
     parser.add_argument("--seeds", default="1,8,64", help="numbers of seeds S (default 1,8,64)")
     parser.add_argument("--variants", default=",".join(NETWORKS))
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; median")
@@ -346,7 +349,7 @@ def main() -> None:
     # The lecture runs with one intra-op thread: its tensors are too small for torch to
     # split (same speed with 2 threads on an idle machine), and on a loaded one idle
     # OpenMP threads only spin (up to 30x slower). The engine uses its own worker
-    # threads (engine.train docstring); torch.func is timed with each thread count.
+    # threads (engine.train docstring); torch.func with each of --func-threads.
     torch.set_num_threads(1)
     X, Y, source = load_train_split()
     print(f"data: {source}; {args.steps} steps per run ({args.deep_steps} deep, torch.func "
