@@ -3,7 +3,9 @@
 Each round runs, for each tree in turn (alternating which goes first), one subprocess
 per (variant, S) that imports *that tree's* ``charlm`` and times ``engine.train`` on the
 real training split, as ``benchmarks/bench.py`` does (record_every=1000, one intra-op
-thread, the engine's worker threads). Medians over rounds, and their ratio, per row.
+thread, one engine worker thread per CPU, passed explicitly: the default differs
+between trees, ``torch.get_num_threads()`` before the deep merge and the CPU count now).
+Medians over rounds, and their ratio, per row.
 Only APIs both trees have are used (``build_mlp``, the config models, ``engine.train``).
 
 Run: python -m benchmarks.compare_trees OLD NEW [--variants kaiming,batchnorm]
@@ -22,7 +24,7 @@ import sys
 from pathlib import Path
 
 CHILD = """
-import json, sys, torch
+import json, os, sys, torch
 from benchmarks.bench import VARIANT_CFG, load_train_split
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig
@@ -34,7 +36,7 @@ seeds = [2147483647, *range(1, S)]
 gens = [torch.Generator().manual_seed(s) for s in seeds]
 model = build_mlp(ModelConfig(), VARIANT_CFG[variant], 27, 3, gens)
 cfg = TrainConfig(seeds=seeds, max_steps=steps, lr_decay_step=steps, record_every=1000)
-r = engine.train(model, X, Y, gens, cfg)
+r = engine.train(model, X, Y, gens, cfg, workers=os.cpu_count())
 print(json.dumps({"us": r.seconds / steps / S * 1e6, "loss": r.loss[:, 0].tolist()}))
 """
 
