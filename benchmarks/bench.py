@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.ensemble import NETWORKS, func_train
+from benchmarks.ensemble import NETWORKS, func_check, func_train
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
@@ -185,33 +185,6 @@ def seeds(S: int) -> list[int]:
     return [CANONICAL, *range(1, S)]
 
 
-def func_check(
-    X: torch.Tensor, Y: torch.Tensor, variant: str, n_seeds: int = 3, steps: int = 20
-) -> dict:  # fmt: skip
-    """The ``torch.func`` ensemble of ``seeds(n_seeds)`` against the lecture's loop run
-    with each seed, after ``steps`` steps: largest absolute difference of the losses
-    (every step), of the parameters and of the BatchNorm running buffers."""
-    ens = func_train(X, Y, variant, seeds(n_seeds), steps)
-    diff = {"loss": 0.0, "params": 0.0, "buffers": 0.0}
-    for j, seed in enumerate(seeds(n_seeds)):
-        if variant.startswith("deep_"):
-            ref = lecture_deep_train(X, Y, steps, variant == "deep_bn", seed=seed, debug=False)
-            loss, params, buffers = ref["loss"], ref["params"], ref["buffers"]
-        else:
-            params, loss = lecture_train(X, Y, variant, steps, seed=seed)
-            buffers = {k: params.pop(k) for k in list(params) if k.endswith("_running")}
-        for key, got, ref in (
-            ("params", ens["params"], params),
-            ("buffers", ens["buffers"], buffers),
-        ):
-            assert set(got) == set(ref), (key, sorted(got), sorted(ref))
-            for name, t in ref.items():
-                d = float((got[name][j].reshape(t.shape) - t).abs().max())
-                diff[key] = max(diff[key], d)
-        diff["loss"] = max(diff["loss"], float((ens["loss"][:, j] - loss).abs().max()))
-    return diff
-
-
 def gemm_limit(S: int, workers: int, kind: str = "shallow", repeats: int = 5) -> dict:
     """Time of the engine's torch.bmm calls per model-step, on its (padded) shapes.
 
@@ -274,7 +247,7 @@ def measure(
     time_lecture(X, Y, variant, 2)
     time_engine(X, Y, variant, 2, 2, 1, workers)
     time_func(X, Y, variant, 2, 2, func_threads[0])
-    check = func_check(X, Y, variant, FUNC_CHECK_SEEDS, FUNC_CHECK_STEPS)
+    check = func_check(X, Y, variant, seeds(FUNC_CHECK_SEEDS), FUNC_CHECK_STEPS)
     bad = {k: v for k, v in check.items() if v > FUNC_TOL}
     assert not bad, f"{variant}: torch.func ensemble off the lecture's loop by {bad}"
     for rep in range(repeats):

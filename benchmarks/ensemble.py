@@ -16,6 +16,8 @@ them. So each BatchNorm returns its detached batch statistics next to the logits
 ``has_aux`` output of ``grad``) and the running buffers are updated outside, on the
 stacked buffers, with the lecture's formula under ``no_grad``.
 
+``func_check`` compares an ensemble with the lecture's loop run seed by seed.
+
 Minibatch indices: seed s draws ``randint(0, N, (k * B,))`` from its generator for k
 steps at a time (the same sequence as one draw per step, as in the engine).
 """
@@ -30,7 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from reference.lecture import BatchNorm1d, Linear, deep_layers, init_params
+from reference.lecture import (
+    BatchNorm1d,
+    Linear,
+    deep_layers,
+    init_params,
+    lecture_deep_train,
+    lecture_train,
+)
 
 CHUNK = 100  # steps of minibatch indices drawn at a time
 
@@ -219,3 +228,31 @@ def func_train(
             losses[i] = loss
     seconds = time.perf_counter() - t0
     return {"loss": losses, "seconds": seconds, "params": params, "buffers": buffers}
+
+
+def func_check(
+    X: torch.Tensor, Y: torch.Tensor, variant: str, seeds: list[int], steps: int = 20
+) -> dict:  # fmt: skip
+    """The ensemble of ``seeds`` against the lecture's loop run with each seed, after
+    ``steps`` steps. Returns the largest absolute difference of the losses (every step,
+    'loss'), of the parameters ('params') and of the BatchNorm running buffers
+    ('buffers'), in float32 units; AssertionError if the names differ."""
+    ens = func_train(X, Y, variant, seeds, steps)
+    diff = {"loss": 0.0, "params": 0.0, "buffers": 0.0}
+    for j, seed in enumerate(seeds):
+        if variant.startswith("deep_"):
+            ref = lecture_deep_train(X, Y, steps, variant == "deep_bn", seed=seed, debug=False)
+            loss, params, buffers = ref["loss"], ref["params"], ref["buffers"]
+        else:
+            params, loss = lecture_train(X, Y, variant, steps, seed=seed)
+            buffers = {k: params.pop(k) for k in list(params) if k.endswith("_running")}
+        for key, got, ref in (
+            ("params", ens["params"], params),
+            ("buffers", ens["buffers"], buffers),
+        ):
+            assert set(got) == set(ref), (key, sorted(got), sorted(ref))
+            for name, t in ref.items():
+                d = float((got[name][j].reshape(t.shape) - t).abs().max())
+                diff[key] = max(diff[key], d)
+        diff["loss"] = max(diff["loss"], float((ens["loss"][:, j] - loss).abs().max()))
+    return diff
