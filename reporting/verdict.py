@@ -127,10 +127,11 @@ def deep_run_sentence(inputs: Inputs) -> str:
     for v in deep:
         t = train_of(inputs, v)
         n = len(t.seeds)
-        runs.append(
-            f"{v} {t.max_steps:,} steps (lr {t.lr:g}, then {t.lr_decayed:g} from step "
-            f"{t.lr_decay_step:,}), {n} seed{'s' if n != 1 else ''}"
-        )
+        if t.lr_decay_step < t.max_steps:
+            lr = f"lr {t.lr:g}, then {t.lr_decayed:g} from step {t.lr_decay_step:,}"
+        else:
+            lr = f"lr {t.lr:g} throughout: its decay step {t.lr_decay_step:,} lies past the end"
+        runs.append(f"{v} {t.max_steps:,} steps ({lr}), {n} seed{'s' if n != 1 else ''}")
     short = [v for v in deep if train_of(inputs, v).max_steps < FULL_STEPS]
     text = "The deep variants ran " + "; ".join(runs) + "."
     if short:
