@@ -351,6 +351,21 @@ def test_queued_gain_sweep_and_sweep_report(
 
 
 @pytest.mark.integration
+def test_exp_show_sorts_by_a_gain(baseline: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    """Issue 11, item 9: one queued experiment sets a gain, another a learning rate; DVC
+    must sort all rows by the gain. With the old default ``gain: tanh`` (a string beside
+    the experiment's 1.0) ``dvc exp show --sort-by`` failed with "'<' not supported
+    between instances of 'float' and 'str'"; the default is now null (calculate_gain)."""
+    repo = copy_of(baseline, tmp_path / "repo")
+    dvc(["exp", "run", "--queue", "-n", "g1", "-S", "variants.kaiming.gain=1.0"], repo, env)
+    dvc(["exp", "run", "--queue", "-n", "lr05", "-S", "train.lr=0.05"], repo, env)
+    key = "variants.kaiming.gain"
+    proc = dvc(["exp", "show", "--csv", "--sort-by", key, "--keep", key], repo, env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "g1" in proc.stdout and "lr05" in proc.stdout, proc.stdout
+
+
+@pytest.mark.integration
 def test_new_variants_from_the_command_line(
     baseline: Path, tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
