@@ -2,8 +2,10 @@
 
 Integration tests copy the tracked files of the repository into a temporary
 directory, make it a git repository, set tiny parameters and run dvc there, so the
-developer's workspace and DVC cache are never touched. The plain helpers these
-fixtures use (and test modules import) are in support.py; nothing imports this file.
+developer's workspace and DVC cache are never touched. The whole tiny pipeline runs once
+per session (``tiny_run``); the modules that need its outputs each take a copy of it.
+The plain helpers these fixtures use (and test modules import) are in support.py;
+nothing imports this file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-from support import GIT_ID, TINY, deep_update, make_repo, names_file
+from support import GIT_ID, TINY, TINY_RUN, TinyRun, deep_update, make_repo, names_file, run
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +49,14 @@ def tiny_repo(tmp_path: Path, repo_env: Mapping[str, str]) -> Callable[..., Path
         return make_repo(tmp_path / name, deep_update(TINY, extra or {}))
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, repo_env: Mapping[str, str]) -> TinyRun:
+    """One ``dvc repro`` of a repository copy with TINY_RUN params, committed
+    (``git add dvc.lock reports``), shared by the session: take ``tiny_run.copy(dest)``,
+    never change ``tiny_run.root``."""
+    root = make_repo(tmp_path_factory.mktemp("tiny_run") / "repo", TINY_RUN)
+    repro = run(["dvc", "repro"], cwd=root, env=repo_env)
+    run("git add dvc.lock reports && git commit -qm 'tiny run'", cwd=root, env=repo_env)
+    return TinyRun(root, repro, repo_env)

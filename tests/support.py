@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,11 @@ TINY["variants"] = {
     v: {"train": {k: TINY["train"][k] for k in ("seeds", "max_steps", "record_every")}}
     for v in ("deep_bn", "deep_tanh")
 }
+# The params of the one tiny run the test modules share (``tiny_run`` in conftest.py):
+# TINY with loss curves averaged over windows of 50 steps, so that the report of a
+# 300-step run draws lines, not single points (the default window is 1000 steps). No
+# other output the tests check depends on the window.
+TINY_RUN: dict[str, Any] = {**TINY, "evaluate": {**TINY["evaluate"], "curve_window": 50}}
 
 
 def strict_json(path: Path) -> dict:
@@ -162,6 +168,43 @@ def make_repo(dest: Path, params: dict | None = None, names: Path | None = None)
     ):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     return dest
+
+
+def copy_repo(src: Path, dest: Path, env: Mapping[str, str] | None = None) -> Path:
+    """Copy the repository ``src`` (a copy made by ``make_repo``, after a run) to ``dest``.
+
+    The whole tree: .git, the DVC cache in .dvc/cache and the workspace, symlinks kept as
+    symlinks; .dvc/tmp (DVC's state database, keyed by inode, and its locks) is left out
+    and rebuilt by DVC. Every file is copied (``shutil.copy2``: hard links become separate
+    files; DVC's default cache.type here is reflink,copy, so the workspace holds no links
+    into the cache), so a test may edit any file of its copy in place. Raises
+    AssertionError when ``dvc status`` in the copy is not clean.
+    """
+
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(directory) == src / ".dvc" else []
+
+    shutil.copytree(src, dest, symlinks=True, ignore=ignore)
+    status = run(["dvc", "status", "--json"], cwd=dest, env=env).stdout.strip()
+    assert status == "{}", f"{dest}: the copy of {src} is not clean: {status}"
+    return dest
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """A repository copy with TINY_RUN params after one committed ``dvc repro``.
+
+    ``root`` must stay as it is (every module copies it): use ``copy``. ``repro`` is
+    that run's completed process (its stdout names the stages that ran).
+    """
+
+    root: Path
+    repro: subprocess.CompletedProcess
+    env: Mapping[str, str]
+
+    def copy(self, dest: Path) -> Path:
+        """An independent copy of the run at ``dest`` (see ``copy_repo``)."""
+        return copy_repo(self.root, dest, self.env)
 
 
 # ---- the stages and params declared in dvc.yaml

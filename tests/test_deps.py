@@ -30,7 +30,7 @@ import pytest
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from IPython.core.inputtransformer2 import TransformerManager
-from support import ROOT, TINY, make_repo, run
+from support import ROOT, run
 
 from charlm.cpus import available_cpus
 from pipeline.stages import report
@@ -169,12 +169,12 @@ def test_the_closure_follows_imports_inside_functions_and_the_template():
 
 
 @pytest.mark.integration
-def test_editing_an_imported_module_makes_dvc_status_list_the_stage(tmp_path, repo_env):
+def test_editing_an_imported_module_makes_dvc_status_list_the_stage(tmp_path, tiny_run, repo_env):
     """Issue 11, item 1: after any edit to a module a stage imports, ``dvc status`` lists
-    that stage, and no stage that does not import it. Runs the stages up to evaluate@naive
-    with tiny params once, then edits each module of their closures in turn."""
-    root = make_repo(tmp_path / "repo", TINY)
-    run(["dvc", "repro", "evaluate@naive"], cwd=root, env=repo_env)
+    that stage, and no stage that does not import it. Takes a copy of the session's tiny
+    run, then edits each module of the closures of the stages up to evaluate@naive in
+    turn."""
+    root = tiny_run.copy(tmp_path / "repo")
     ran = ("download", "split", "train@naive", "evaluate@naive")
     # the run record names the worker threads train used (charlm.cpus, issue 11 item 7)
     record = json.loads((root / "data" / "runs" / "train@naive.json").read_text())

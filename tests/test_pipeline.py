@@ -1,6 +1,7 @@
 """The DVC pipeline end to end, in a throwaway copy of the repository (tiny params).
 
-One ``dvc repro`` builds a baseline that is committed; each experiment then runs
+One ``dvc repro`` builds a baseline that is committed (the session's ``tiny_run``, of
+which this module takes a copy); each experiment then runs
 ``dvc exp run -S ...`` on it and the test checks which stages ran (DESIGN.md,
 "Parameters": a variant's key reruns that variant's stages and the report only).
 The workspace is put back to the baseline after every experiment.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import TINY, make_repo, run, strict_json
+from support import TINY, run, strict_json
 
 pytestmark = pytest.mark.integration
 
@@ -64,16 +65,10 @@ class Baseline:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, names_path: Path) -> Baseline:
-    env = {
-        "NAMES_MIRROR": str(names_path),
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    }  # fmt: skip  # the same as the repo_env fixture, at module scope
-    root = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", TINY)
-    repro = run(["dvc", "repro"], cwd=root, env=env)
-    run("git add dvc.lock reports && git commit -qm baseline", cwd=root, env=env)
-    return Baseline(root, env, repro)
+def baseline(tmp_path_factory, tiny_run) -> Baseline:
+    """A copy of the session's committed tiny run; ``repro`` is that run's process."""
+    root = tiny_run.copy(tmp_path_factory.mktemp("pipeline") / "repo")
+    return Baseline(root, dict(tiny_run.env), tiny_run.repro)
 
 
 def test_repro_runs_every_stage_and_writes_outputs(baseline):
