@@ -307,8 +307,11 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     assert "<script src=" not in text and 'href="http' not in text
     visit = browser(page)
     assert_complete_page(visit)
-    # 2 figures (seeds, curves) + 3 activation figures + gradients + update ratio + BN
-    assert len(visit.images) == 8
+    # 2 figures (seeds, curves) + an activation figure per hidden layer (1 for each of
+    # the 3 one-layer variants, 5 for each of the 2 deep ones) + gradients + update ratio
+    # + one-layer BatchNorm + 4 per deep variant (activations, gradients, weight
+    # gradients, update ratio, layer by layer): 2 + 13 + 3 + 8
+    assert len(visit.images) == 26
     summary = visit.text.split("This run")[0]
     assert "reaches the lowest mean validation loss" in summary
     # 300 steps cannot reach the published numbers, and the summary says why
