@@ -73,6 +73,13 @@ def depth_sentence(inputs: Inputs, split: str = "val") -> str:
     bn, plain = pair
     _, layers, width, kind = family(inputs, bn)
     where = f"At depth ({layers} hidden {kind} layers of {width} units)"
+    schedule = {v: _schedule(train_of(inputs, v)) for v in (bn, plain)}
+    if schedule[bn] != schedule[plain]:
+        return (
+            f"{where}, no verdict: {bn} and {plain} trained differently ({bn}: "
+            f"{schedule[bn]}; {plain}: {schedule[plain]}), so their losses are not comparable; "
+            "give both the same `train` keys."
+        )
     c = paired_by_seed(inputs, plain, bn, split)  # > 0: BatchNorm is better
     seeds = f"over {c.n} paired seed{'s' if c.n != 1 else ''}"
     if c.mean is None:
@@ -90,7 +97,22 @@ def depth_sentence(inputs: Inputs, split: str = "val") -> str:
             f"{where}, BatchNorm ({bn}) does not clearly win: {diff} nats of {split} loss "
             f"({ci}, which includes zero) {seeds}."
         )
-    return f"{where}, {verb} of {split} loss ({diff}, {ci}) {seeds}."
+    return (
+        f"{where}, {verb} of {split} loss ({diff}, {ci}) {seeds}, after "
+        f"{schedule[bn]}. (These are the lecture's two networks: besides BatchNorm they "
+        f"differ in the gain, the biases and the output scaling; see the gain sweep in the "
+        f"README for how the verdict moves with the gain.)"
+    )
+
+
+def _schedule(t: TrainConfig) -> str:
+    """The length and learning rates of a run, in words (what makes losses comparable)."""
+    lr = f"lr {t.lr:g}" + (
+        f", then {t.lr_decayed:g} from step {t.lr_decay_step:,}"
+        if t.lr_decay_step < t.max_steps
+        else ""
+    )
+    return f"{t.max_steps:,} steps of batch {t.batch_size}, {lr}"
 
 
 def train_of(inputs: Inputs, v: str) -> TrainConfig:
@@ -152,11 +174,12 @@ def summary(inputs: Inputs) -> str:
 def paired_rows(comps: list[Paired]) -> list[dict]:
     """The table of paired comparisons: mean difference (first - second), sd, t quantile,
     the t interval and the bootstrap interval (nats)."""
-    return [{
+    rows = [{
         "first": c.a, "second": c.b, "pairs": c.n, "mean difference": c.mean, "sd": c.sd,
         "t (0.975, n-1)": c.t, "95% CI low": c.lo, "95% CI high": c.hi,
         "bootstrap 95% low": c.boot_lo, "bootstrap 95% high": c.boot_hi,
     } for c in comps]  # fmt: skip
+    return [{k: "–" if v is None else v for k, v in row.items()} for row in rows]
 
 
 def param_rows(inputs: Inputs) -> list[dict]:

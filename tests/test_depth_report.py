@@ -8,6 +8,7 @@ test executes the whole template with papermill on a synthetic evaluate director
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -114,7 +115,7 @@ def metrics(v: str) -> dict:
 
 def make_inputs(variants: list[str] | None = None) -> rs.Inputs:
     vs = variants or list(PARAMS["variants"])
-    params = {**PARAMS, "variants": {v: PARAMS["variants"][v] for v in vs}}
+    params = copy.deepcopy({**PARAMS, "variants": {v: PARAMS["variants"][v] for v in vs}})
     return rs.Inputs(
         params=params, counts={"vocab_size": V}, variants=vs,
         metrics={v: metrics(v) for v in vs}, samples={},
@@ -221,7 +222,7 @@ def test_summary_sentence_answers_with_the_paired_interval():
         f"At depth (5 hidden tanh layers of {H} units), BatchNorm (**deep_bn**) beats no "
         f"BatchNorm (deep_tanh) by {mean:.4f} nats of val loss (deep_tanh - deep_bn = "
         f"{mean:+.4f}, paired 95% CI [{mean - half:+.4f}, {mean + half:+.4f}]) over 3 paired "
-        "seeds." in text
+        "seeds, after 2,000 steps of batch 32, lr 0.1, then 0.01 from step 1,500." in text
     )
     assert (
         "The deep variants ran deep_bn 2,000 steps (lr 0.1, then 0.01 from step 1,500), 3 seeds"
@@ -395,3 +396,14 @@ def test_sweep_page_draws_gain_sensitivity_at_depth():
     for r in one:
         r.metrics.pop("deep_bn")
     assert "Gain sensitivity at depth" not in sr.render(one)
+
+
+def test_no_verdict_when_the_deep_variants_trained_differently():
+    """A user shortens one deep variant only (e.g. the lecture's 1,001-step run of
+    deep_bn): the two are not comparable, and the summary must say so, not pair them."""
+    inputs = make_inputs()
+    inputs.params["variants"]["deep_bn"]["train"] = {"max_steps": 1001}
+    text = rv.depth_sentence(inputs)
+    assert "no verdict: deep_bn and deep_tanh trained differently" in text
+    assert "deep_bn: 1,001 steps" in text and "deep_tanh: 2,000 steps" in text
+    assert "beats" not in text
