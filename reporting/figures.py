@@ -181,8 +181,9 @@ def seed_points(inputs: Inputs) -> Drawn:
                     label="published" if j == 0 or not ax.get_legend_handles_labels()[0] else None,
                 )
         ax.set_title(f"{k} loss per seed")
+        ax.tick_params(axis="x", labelrotation=30)  # five and more names would overlap
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right", fontsize=8)
+            ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig, notes
 
@@ -223,7 +224,9 @@ def activation_figure(inputs: Inputs, v: str, layer: int = 0) -> Drawn:
         ax_i.set_xlabel("hidden unit")
         ax_i.set_ylabel("probe example")
         ax_i.grid(False)
-    fig.suptitle(v, x=0.01, ha="left", fontsize=12, fontweight="bold")
+    n_layers = len(inputs.diagnostics[v].layers)
+    title = v if n_layers == 1 else f"{v}, hidden layer {layer + 1} of {n_layers}"
+    fig.suptitle(title, x=0.01, ha="left", fontsize=12, fontweight="bold")
     fig.tight_layout()
     return fig, notes
 
