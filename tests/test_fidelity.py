@@ -3,8 +3,9 @@
 The reference values are read from params.yaml (``report.reference``, what the report
 shows) and cross-checked against the constants below, copied from DESIGN.md, so that
 editing params.yaml cannot make this test pass.
-The full run takes minutes (3 variants x 8 seeds x 200,000 steps, and the deep ones'
-shorter default runs); it is part of the default ``make test`` run. It then runs the
+The full run takes minutes (3 variants x 8 seeds x 200,000 steps; the deep ones, which
+have no published numbers at their default length, run short: ``SHORT_DEEP``); it is part
+of the default ``make test`` run. It then runs the
 lecture's deep BatchNorm network for its 1,001 steps on the canonical seed, as an
 experiment (issue 10's acceptance command, ``DEEP_EXPERIMENT``), and checks the figures
 the lecture prints against DESIGN.md's table ("The deep network").
@@ -148,9 +149,16 @@ def test_check_metrics_can_fail():
     ]  # fmt: skip
 
 
+# The deep variants' default length (8 seeds x 20,000 steps) has no published numbers;
+# here they run short (about 1.5 minutes less) and the experiment below gives deep_bn the
+# lecture's 1,001 steps. The one-layer variants run their full defaults.
+SHORT_DEEP = {"variants": {v: {"train": {"seeds": [CANONICAL_SEED, 1], "max_steps": 1500}}
+                           for v in ("deep_bn", "deep_tanh")}}  # fmt: skip
+
+
 @pytest.mark.fidelity
 def test_default_pipeline_reproduces_reference_numbers(tmp_path, repo_env):
-    root = make_repo(tmp_path / "repo")  # no parameter changes: the defaults
+    root = make_repo(tmp_path / "repo", SHORT_DEEP)  # the one-layer variants' defaults
     check_defaults(root / "params.yaml")
     reference = reference_from_params(root / "params.yaml")
 
