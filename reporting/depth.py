@@ -20,7 +20,7 @@ import numpy as np
 
 from charlm.artefacts import Snapshot
 from reporting.figures import Drawn, Note, _blank, _finite_np
-from reporting.stats import Inputs, first_good_seed, mean_std
+from reporting.stats import Inputs, first_good_seed, fmt_mean_std
 
 MOMENTS = ("snapshot", "final")  # keys of Diagnostics.snapshots, in display order
 BINS = 100  # torch.histogram's default, as in the lecture's plots
@@ -40,30 +40,18 @@ def layer_label(name: str, kind: str) -> str:
 
 def fmt_sci(values, digits: int = 3) -> str:
     """'mean ± sd (n = k)' in scientific notation, for gradients and ratios."""
-    mean, sd, n = mean_std(values)
-    if mean is None:
-        return "– (no finite value)"
-    if sd is None:
-        return f"{mean:.{digits}e} (n = 1)"
-    return f"{mean:.{digits}e} ± {sd:.{digits - 1}e} (n = {n})"
+    return fmt_mean_std(values, spec=f".{digits}e", sd_spec=f".{digits - 1}e")
 
 
 def fmt_pct(values, digits: int = 2) -> str:
     """Shares (0..1) as 'mean ± sd % (n = k)'."""
-    mean, sd, n = mean_std([100 * x for x in values if x is not None])
-    if mean is None:
-        return "– (no finite value)"
-    if sd is None:
-        return f"{mean:.{digits}f} % (n = 1)"
-    return f"{mean:.{digits}f} ± {sd:.{digits}f} % (n = {n})"
+    pct = [100 * x for x in values if x is not None]
+    return fmt_mean_std(pct, spec=f".{digits}f", sd_spec=f".{digits}f", unit=" %")
 
 
 def fmt_2(values, sign: str = "") -> str:
     """'mean ± sd (n = k)' with 2 decimals, the lecture's precision for activations."""
-    mean, sd, n = mean_std(values)
-    if mean is None:
-        return "– (no finite value)"
-    return f"{mean:{sign}.2f} (n = 1)" if sd is None else f"{mean:{sign}.2f} ± {sd:.2f} (n = {n})"
+    return fmt_mean_std(values, spec=f"{sign}.2f", sd_spec=".2f")
 
 
 def _moments(inputs: Inputs, v: str) -> list[tuple[str, Snapshot | None]]:

@@ -112,14 +112,23 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
 
 
-def fmt_mean_std(values: Any, digits: int = 4) -> str:
-    """'mean ± sd (n = k)', or what is missing."""
+def fmt_mean_std(
+    values: Any,
+    digits: int = 4,
+    spec: str | None = None,
+    sd_spec: str | None = None,
+    unit: str = "",
+) -> str:
+    """'mean ± sd (n = k)', or what is missing. ``spec``/``sd_spec``: format specs of the
+    mean and the sd (default ``fmt`` with ``digits``); ``unit`` follows both ('%')."""
     mean, sd, n = mean_std(values)
     if mean is None:
         return "– (no finite value)"
+    m = fmt(mean, digits) if spec is None else format(mean, spec)
     if sd is None:
-        return f"{fmt(mean, digits)} (n = 1)"
-    return f"{fmt(mean, digits)} ± {fmt(sd, digits)} (n = {n})"
+        return f"{m}{unit} (n = 1)"
+    s = fmt(sd, digits) if sd_spec is None else format(sd, sd_spec)
+    return f"{m} ± {s}{unit} (n = {n})"
 
 
 # ---- paired comparisons (reporting.intervals) -----------------------------------

@@ -11,12 +11,12 @@ nothing imports this file.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-from support import GIT_ID, TINY, TINY_RUN, TinyRun, deep_update, make_repo, names_file, run
+from support import GIT_ID, TINY_RUN, TinyRun, make_repo, names_file, run
 
 
 @pytest.fixture(scope="session")
@@ -39,16 +39,6 @@ def repo_env(names_path: Path) -> Mapping[str, str]:
     extend it with ``{**repo_env, ...}``.
     """
     return MappingProxyType({"NAMES_MIRROR": str(names_path), **GIT_ID})
-
-
-@pytest.fixture
-def tiny_repo(tmp_path: Path, repo_env: Mapping[str, str]) -> Callable[..., Path]:
-    """Factory: ``tiny_repo(extra_params)`` -> a repo copy with TINY (+ extra) params."""
-
-    def factory(extra: dict | None = None, name: str = "repo") -> Path:
-        return make_repo(tmp_path / name, deep_update(TINY, extra or {}))
-
-    return factory
 
 
 @pytest.fixture(scope="session")

@@ -112,7 +112,7 @@ def run(
     return proc
 
 
-def make_repo(dest: Path, params: dict | None = None, names: Path | None = None) -> Path:
+def make_repo(dest: Path, params: dict | None = None) -> Path:
     """Copy the tracked files of this repository to ``dest`` as a fresh git repo.
 
     ``params`` is deep-merged into params.yaml before the first commit. The copy's

@@ -9,12 +9,11 @@ the lecture's loop run with that seed, within 1e-4, so a wrong ensemble fails th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT, run
+
 NETWORKS = ["naive", "kaiming", "batchnorm", "deep_bn", "deep_tanh"]
 KEYS = ("loss", "params", "buffers")
 
@@ -22,9 +21,7 @@ KEYS = ("loss", "params", "buffers")
 def test_bench_rows_have_the_func_column_and_match_the_lecture(names_path: Path) -> None:
     cmd = [sys.executable, "-m", "benchmarks.bench", "--steps", "20", "--deep-steps", "20",
            "--seeds", "2", "--repeats", "1", "--workers", "2", "--func-threads", "1"]  # fmt: skip
-    env = {**os.environ, "NAMES_MIRROR": str(names_path)}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run(cmd, ROOT, env={"NAMES_MIRROR": str(names_path)}, timeout=600)
     rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
     assert [(r["variant"], r["seeds"]) for r in rows] == [(n, 2) for n in NETWORKS]
     for r in rows:

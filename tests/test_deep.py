@@ -170,7 +170,7 @@ def test_forward_backward_matches_autograd(nonlinearity, norm):
     loss = engine.forward_backward(model, idx, targets, grads)
     _, ref_loss = twin(idx, targets)
     ref_loss.sum().backward()  # independent models: d(sum)/dp_s = dloss_s/dp_s
-    tol = {"rtol": 1e-9, "atol": 1e-12}
+    tol = {"rtol": 1e-9, "atol": 1e-12}  # float64 on both sides: a few ulps of round-off
     assert_close(loss, ref_loss.detach(), **tol)
     for n, p in twin.named_parameters():
         assert_close(grads[n], p.grad, **tol, msg=lambda m, n=n: f"d{n}: {m}")
@@ -263,7 +263,7 @@ def check(s: dict, losses: dict, step0: float, rel: float) -> None:
     assert_close(s["grad_std"], GRAD_STD, rtol=rel, atol=0)
     assert_close(s["grad_data"], GRAD_DATA, rtol=rel, atol=0)
     for k, v in SPLIT_LOSS.items():
-        assert abs(losses[k] - v) <= 1e-4 and round(losses[k], 4) == v, (k, losses[k])
+        assert round(losses[k], 4) == v, (k, losses[k])  # the lecture prints 4 decimals
 
 
 def test_lecture_oracle_reproduces_the_printed_statistics(splits):

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from matplotlib.figure import Figure
+from support import ROOT
 
 from charlm import artefacts as A
 from reporting import depth as rd
@@ -289,7 +290,7 @@ def test_template_executes_on_synthetic_deep_records(tmp_path):
     papermill = pytest.importorskip("papermill")
     inputs = make_inputs()
     write_eval_dir(tmp_path, inputs)
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     nb = papermill.execute_notebook(
         str(root / "reporting" / "template.ipynb"), str(tmp_path / "out.ipynb"),
         parameters={"params_path": str(tmp_path / "params.yaml"),

@@ -23,7 +23,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from tools.sweep_figures import GLOBAL_SECTIONS, _png, numeric, same_value
+from tools.sweep_figures import _png, affected, numeric, same_value
 
 MOMENT = "final"  # metrics depth.<moment>.*: the last training step
 HEALTH = ("std_first", "std_last", "saturated_max")
@@ -42,14 +42,6 @@ def resolve_gains(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _owns(key: str, variant: str) -> bool:
-    """True if ``key`` can change ``variant``'s numbers."""
-    parts = key.split(".")
-    if parts[0] == "variants":
-        return len(parts) > 2 and parts[1] == variant
-    return parts[0] in GLOBAL_SECTIONS
-
-
 def gain_table(runs: list, metric: str = "val") -> pd.DataFrame:
     """One row per deep variant and gain: ``metric`` loss (mean, std over seeds) and the
     activation health ``depth.final.*``, from the finished ``runs`` (tools.sweep_report.Run)
@@ -65,7 +57,7 @@ def gain_table(runs: list, metric: str = "val") -> pd.DataFrame:
         for v, m in run.metrics.items():
             health = ((m.get("depth") or {}).get(MOMENT)) or {}
             key = f"variants.{v}.gain"
-            keys = {k for k in (*base.params, *run.params) if _owns(k, v) and k != key}
+            keys = {k for k in (*base.params, *run.params) if affected(k, [v]) and k != key}
             if not health or any(
                 same_value(base.params.get(k)) != same_value(run.params.get(k)) for k in keys
             ):
