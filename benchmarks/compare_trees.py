@@ -6,7 +6,8 @@ real training split, as ``benchmarks/bench.py`` does (record_every=1000, one int
 thread, one engine worker thread per CPU, passed explicitly: the default differs
 between trees, ``torch.get_num_threads()`` before the deep merge and the CPU count now).
 Medians over rounds, and their ratio, per row.
-Only APIs both trees have are used (``build_mlp``, the config models, ``engine.train``).
+Only APIs both trees have are used (``build_mlp``, the config models, ``engine.train``);
+"same" means the canonical seed's losses and final parameters are bitwise equal.
 
 Run: python -m benchmarks.compare_trees OLD NEW [--variants kaiming,batchnorm]
        [--seeds 8,64] [--steps 1000] [--rounds 3]
@@ -28,16 +29,24 @@ import json, os, sys, torch
 from benchmarks.bench import VARIANT_CFG, load_train_split
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig
-from charlm.model import build_mlp
+try:  # the layer-list tree (one MLP, init recipes in charlm.init)
+    from charlm.init import build_mlp
+    from benchmarks.bench import KERNELS
+except ImportError:  # trees before it: one-layer and deep families in charlm.model
+    from charlm.model import build_mlp
+    KERNELS = {}
 variant, S, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)
 X, Y, _ = load_train_split()
 seeds = [2147483647, *range(1, S)]
 gens = [torch.Generator().manual_seed(s) for s in seeds]
 model = build_mlp(ModelConfig(), VARIANT_CFG[variant], 27, 3, gens)
-cfg = TrainConfig(seeds=seeds, max_steps=steps, lr_decay_step=steps, record_every=1000)
+extra = {"kernels": KERNELS[variant]} if variant in KERNELS else {}
+cfg = TrainConfig(seeds=seeds, max_steps=steps, lr_decay_step=steps, record_every=1000, **extra)
 r = engine.train(model, X, Y, gens, cfg, workers=os.cpu_count())
-print(json.dumps({"us": r.seconds / steps / S * 1e6, "loss": r.loss[:, 0].tolist()}))
+params = {n: p[0].flatten().tolist() for n, p in model.named_parameters()}
+print(json.dumps({"us": r.seconds / steps / S * 1e6, "loss": r.loss[:, 0].tolist(),
+                  "params": params}))
 """
 
 
@@ -71,7 +80,8 @@ def main() -> None:
     print(f"{'variant':10} {'S':>3} {'old us/m-s':>10} {'new us/m-s':>10} {'new/old':>7} same loss")
     for v, S in cases:
         old, new = (statistics.median(r["us"] for r in runs[(n, (v, S))]) for n in trees)
-        same = runs[("old", (v, S))][0]["loss"] == runs[("new", (v, S))][0]["loss"]
+        o, n = runs[("old", (v, S))][0], runs[("new", (v, S))][0]
+        same = o["loss"] == n["loss"] and o["params"] == n["params"]
         rows.append({"variant": v, "seeds": S, "old_us_per_model_step": old,
                      "new_us_per_model_step": new, "new_over_old": new / old,
                      "canonical_losses_bitwise_equal": same})  # fmt: skip

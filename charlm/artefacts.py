@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-FORMAT = 5  # the layout of diagnostics.pt; bump it with every change of these records
+FORMAT = 6  # the layout of diagnostics.pt; bump it with every change of these records
 
 
 class Record(BaseModel):
@@ -59,12 +59,14 @@ class Activations(Record):
     """One hidden layer on the probe batch at one moment (P examples, H units)."""
 
     hpreact: torch.Tensor  # float32 (S, P, H), pre-activations
-    h: torch.Tensor  # float32 (S, P, H), tanh outputs
-    saturated: dict[str, list[float]]  # threshold (as '0.97') -> S shares of |h| > t
-    dead: list[int]  # S counts of units saturated on every probe example
+    h: torch.Tensor  # float32 (S, P, H), the nonlinearity's outputs
+    # threshold (as '0.97') -> S shares saturated (diagnostics.saturated: tanh |h| > t,
+    # sigmoid |2h - 1| > t, relu h == 0); empty for linear and gelu
+    saturated: dict[str, list[float]]
+    dead: list[int] | None  # S counts of units saturated (relu: zero) on every example
     hpreact_mean: list[float]
     hpreact_std: list[float]
-    image: torch.Tensor  # bool (S, P, H), |h| > the largest threshold
+    image: torch.Tensor | None  # bool (S, P, H), saturated at the largest threshold
 
 
 class Layer(Record):
@@ -87,9 +89,9 @@ class BatchNormLayer(Record):
     """One BatchNorm module (named as in ``named_modules()``): per-unit statistics."""
 
     running_mean: torch.Tensor  # float32 (S, H)
-    running_std: torch.Tensor  # deep BatchNorm: sqrt(running_var), without eps
-    calibrated_mean: torch.Tensor | None  # over the whole training split, after training;
-    calibrated_std: torch.Tensor | None  # None for a deep network (one-layer calibration)
+    running_std: torch.Tensor  # 'var' form: sqrt(running_var), without eps
+    calibrated_mean: torch.Tensor | None  # over the whole training split, after training
+    calibrated_std: torch.Tensor | None  # (diagnostics.calibrate_batchnorm)
 
 
 class BatchNorm(Record):
@@ -98,24 +100,24 @@ class BatchNorm(Record):
     layers: dict[str, BatchNormLayer]
     loss_running: dict[str, list[float]]  # split -> S losses (nats), running statistics
     loss_calibrated: dict[str, list[float]] | None  # the same with the calibrated
-    # statistics; None for a deep network (not calibrated)
+    # statistics
 
 
 class LayerSnapshot(Record):
-    """One hidden nonlinearity's output in a captured training step (deep variants).
+    """One hidden nonlinearity's output in a captured training step.
 
     The lecture's ``layer.out`` and ``layer.out.grad`` of each Tanh (makemore part 3,
     "diagnostic tools"): the step's minibatch (B examples), all S seeds.
     """
 
     name: str  # module name of the nonlinearity in named_modules(), e.g. 'layers.2'
-    kind: str  # 'tanh' | 'relu' | 'linear'
+    kind: str  # the nonlinearity: 'tanh' | 'relu' | 'linear' | 'sigmoid' | 'gelu'
     out: torch.Tensor  # float32 (S, B, H), the nonlinearity's output
     out_grad: torch.Tensor  # float32 (S, B, H), dloss/dout
     mean: list[float]  # S values, mean of out
     std: list[float]  # S values, std of out (unbiased, as Tensor.std)
-    saturated: list[float]  # S shares (0..1) of |out| > saturation threshold (tanh only;
-    # 0 for other nonlinearities)
+    saturated: list[float]  # S shares (0..1) saturated (diagnostics.saturated: relu
+    # counts zeros; 0 for linear and gelu)
     grad_mean: list[float]  # S values, mean of out_grad
     grad_std: list[float]  # S values, std of out_grad
 
@@ -153,8 +155,8 @@ class Diagnostics(Record):
     weights: dict[str, Weight]  # weight matrices in named_parameters() order
     update_steps: torch.Tensor  # int64 (R,), steps at which update ratios were recorded
     batchnorm: BatchNorm | None  # None: the model has no BatchNorm
-    # deep variants only (None for the one-layer MLP): 'snapshot' (the lecture's step
-    # 1,000, when the run is that long) and 'final' (the last step)
+    # captured training steps: 'snapshot' (the lecture's step 1,000, when the run is
+    # that long) and 'final' (the last step)
     snapshots: dict[str, Snapshot] | None = None
     n_params: int = 0  # parameters per model (one seed), e.g. 47,024 for the lecture's deep net
 

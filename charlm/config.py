@@ -51,50 +51,53 @@ class ModelConfig(_Strict):
 
 
 class VariantConfig(_Strict):
-    """How one variant builds, initialises and normalises its network.
+    """How one variant builds, initialises and trains its network: three separate parts.
 
-    Two forms, chosen by ``deep`` (default: ``layers > 1``):
+    Architecture (``charlm.model.MLP``): ``layers`` hidden blocks Linear ->
+    [BatchNorm1d] -> ``nonlinearity`` of ``n_hidden`` units (default
+    ``model.n_hidden``), then an output Linear -> [BatchNorm1d if ``batchnorm_output``].
+    A Linear followed by BatchNorm has no bias. BatchNorm's ``batchnorm_form`` is the
+    lecture's second half ('var': unbiased variance + ``eps``, running variance) or its
+    first half ('std': unbiased std, no eps, running std), each with PyTorch's momentum
+    convention (``charlm.layers.BatchNorm1d``); ``momentum`` defaults to PyTorch's 0.1.
 
-    - the one-hidden-layer network of makemore part 3's first half (``deep`` false):
-      C, W1, b1, W2, b2 drawn N(0, 1) from the seed's generator in that order, then
-      scaled (DESIGN.md, "init"). W1's scale is ``w1_scale`` when ``w1_init == 'normal'``
-      and ``gain / sqrt(fan_in)`` when ``w1_init == 'kaiming'`` (He et al. 2015,
-      "Delving Deep into Rectifiers", eq. 10). With ``batchnorm`` b1 is neither drawn
-      nor used and the lecture's first BatchNorm normalises the pre-activations:
-      ``gain * (h - mean) / std + bias`` with the unbiased std, no eps, running *std*,
-      ``momentum`` 0.001 by default (``charlm.model.BatchNorm1d``).
-    - the stacked network of its second half (``deep`` true, "PyTorch-ifying"): ``layers``
-      hidden blocks Linear -> [BatchNorm] -> nonlinearity, then an output Linear ->
-      [BatchNorm if ``batchnorm_output``]. Every Linear weight is
-      ``randn(fan_in, fan_out) / sqrt(fan_in)``; a Linear followed by BatchNorm has no
-      bias, the others a zero bias (never drawn). Then the last layer is made less
-      confident (its BatchNorm's gamma, or the output weight, times ``last_scale``) and
-      every other Linear weight is multiplied by ``gain`` (lecture order). Its BatchNorm
-      is PyTorch's form, ``gamma * (x - mean) / sqrt(var + eps) + beta``, with running
-      mean and *variance*, ``momentum`` 0.1 and ``eps`` 1e-5 by default; unlike
-      ``torch.nn.BatchNorm1d`` it normalises by the unbiased batch variance, as the
-      lecture does (``charlm.layers.BatchNorm1d``).
+    Init recipe (``charlm.init.RECIPES``): ``init`` names it. 'first_half' draws every
+    tensor N(0, 1) and scales it: hidden weights by ``weight_scale`` or, when null,
+    ``gain / sqrt(fan_in)`` (Kaiming), hidden biases by ``bias_scale``, the output
+    weight and bias by ``out_weight_scale`` and ``out_bias_scale``. 'second_half' draws
+    each Linear weight ``randn / sqrt(fan_in)``, zero biases, multiplies the last layer
+    (its BatchNorm's gamma, or its weight) by ``last_scale`` and the other weights by
+    ``gain``. ``gain`` null means ``torch.nn.init.calculate_gain(nonlinearity)``: 5/3
+    for tanh, sqrt(2) for relu, 1 for linear and sigmoid; gelu has no entry there, so
+    a gelu variant must give a number.
 
-    ``gain`` null means ``torch.nn.init.calculate_gain(nonlinearity)``: 5/3 for tanh,
-    sqrt(2) for relu, 1 for linear. ``train`` overrides keys of the global ``train``
-    section for this variant only (``train_config``).
+    Training: ``train`` overrides keys of the global ``train`` section for this variant
+    only (``train_config``); ``lr_scale`` multiplies its learning rates.
+
+    Depth never changes the recipe, the BatchNorm form or its momentum, and every
+    nonlinearity works at every depth. A key that the variant's choices would ignore
+    (a first-half scale under the second-half recipe, ``eps`` of the 'std' form,
+    ``gain`` beside ``weight_scale``, ...) is an error, not silently dropped.
     """
 
-    deep: bool | None = None
+    # architecture
     layers: int = Field(1, ge=1)
     n_hidden: int | None = Field(None, ge=1)
-    nonlinearity: Literal["tanh", "relu", "linear"] = "tanh"
-    w1_init: Literal["normal", "kaiming"] = "kaiming"
-    gain: float | None = None
-    w1_scale: float = Field(1.0, ge=0.0)
-    b1_scale: float = Field(0.01, ge=0.0)
-    w2_scale: float = Field(0.01, ge=0.0)
-    b2_scale: float = Field(0.0, ge=0.0)
-    last_scale: float = Field(0.1, ge=0.0)
+    nonlinearity: Literal["tanh", "relu", "linear", "sigmoid", "gelu"] = "tanh"
     batchnorm: bool = False
     batchnorm_output: bool = False
-    momentum: float | None = Field(None, gt=0.0, le=1.0)
+    batchnorm_form: Literal["var", "std"] = "var"
+    momentum: float = Field(0.1, gt=0.0, le=1.0)
     eps: float | None = Field(None, ge=0.0)
+    # init recipe
+    init: Literal["first_half", "second_half"] = "second_half"
+    gain: float | None = None
+    weight_scale: float | None = Field(None, ge=0.0)
+    bias_scale: float = Field(0.01, ge=0.0)
+    out_weight_scale: float = Field(0.01, ge=0.0)
+    out_bias_scale: float = Field(0.0, ge=0.0)
+    last_scale: float = Field(0.1, ge=0.0)
+    # training
     lr_scale: float = Field(1.0, gt=0.0)
     train: dict[str, Any] | None = None
 
@@ -127,39 +130,33 @@ class VariantConfig(_Strict):
         return v
 
     @property
-    def is_deep(self) -> bool:
-        """True for the stacked form (``deep``, default ``layers > 1``)."""
-        return self.layers > 1 if self.deep is None else self.deep
+    def has_batchnorm(self) -> bool:
+        """True if any layer is normalised (``batchnorm`` or ``batchnorm_output``)."""
+        return self.batchnorm or self.batchnorm_output
 
     @model_validator(mode="after")
     def _check_unused(self) -> VariantConfig:
-        unused = []
-        given = self.model_fields_set
-        bn = self.batchnorm or self.batchnorm_output
-        if self.is_deep:
-            for key in ("w1_init", "w1_scale", "b1_scale", "w2_scale", "b2_scale"):
+        given, unused = self.model_fields_set, []
+        other = {"first_half": "second_half", "second_half": "first_half"}[self.init]
+        for key in RECIPE_KEYS[other] - RECIPE_KEYS[self.init]:
+            if key in given:
+                unused.append(f"{key} (init: {other} only; this variant's init is {self.init})")
+        if self.init == "first_half" and self.weight_scale is not None and "gain" in given:
+            unused.append("gain (weight_scale sets the hidden weights' std; drop one)")
+        if self.init == "first_half" and self.batchnorm and "bias_scale" in given:
+            unused.append("bias_scale (hidden Linears before BatchNorm have no bias)")
+        if not self.has_batchnorm:
+            for key in ("batchnorm_form", "momentum", "eps"):
                 if key in given:
-                    unused.append(
-                        f"{key} (one-layer form only; a deep variant uses gain and last_scale)"
-                    )
-        else:
-            if self.layers > 1:
-                unused.append("layers (more than 1 needs the deep form; drop deep: false)")
-            for key in ("last_scale", "batchnorm_output", "eps"):
-                if key in given:
-                    unused.append(f"{key} (deep form only; set deep: true)")
-            if self.nonlinearity != "tanh":
-                unused.append("nonlinearity (the one-layer form is tanh only; set deep: true)")
-            if self.w1_init == "kaiming" and "w1_scale" in given:
-                unused.append("w1_scale (used only when w1_init is 'normal'; set gain instead)")
-            if self.w1_init == "normal" and "gain" in given:
-                unused.append("gain (used only when w1_init is 'kaiming'; set w1_scale instead)")
-            if self.batchnorm and "b1_scale" in given:
-                unused.append("b1_scale (a BatchNorm variant has no b1)")
-        if not bn:
-            for key in ("momentum", "eps"):
-                if key in given and not any(u.startswith(key) for u in unused):
                     unused.append(f"{key} (used only with BatchNorm)")
+        elif self.batchnorm_form == "std" and "eps" in given:
+            unused.append("eps (the 'std' form has no eps)")
+        if self.nonlinearity == "gelu" and self.gain is None and self._uses_gain:
+            raise FieldError(
+                "gain",
+                "gelu has no torch.nn.init.calculate_gain entry: give gain a number "
+                "(e.g. 1.0, or sqrt(2) = 1.4142 as relu's, gelu's large-input limit)",
+            )
         if unused:
             raise FieldError(
                 unused[0].split()[0],
@@ -167,17 +164,21 @@ class VariantConfig(_Strict):
             )
         return self
 
+    @property
+    def _uses_gain(self) -> bool:
+        return not (self.init == "first_half" and self.weight_scale is not None)
+
     def advice(self) -> list[tuple[str, str]]:
         """Settings that are valid but almost surely not meant: (field, message) pairs.
 
         ``momentum`` above 0.5: BatchNorm here follows PyTorch's convention,
         running = (1 - momentum) * running + momentum * batch, where the lecture's
-        update is momentum = 0.001 (one layer) or 0.1 (deep); Keras writes the former as
-        momentum = 0.999.
+        update is momentum = 0.001 (first half) or 0.1 (second half); Keras writes the
+        former as momentum = 0.999.
         """
         out = []
-        m = self.momentum_value
-        if (self.batchnorm or self.batchnorm_output) and m > MOMENTUM_WARN:
+        m = self.momentum
+        if self.has_batchnorm and m > MOMENTUM_WARN:
             meant = f"{m} meant as {1 - m:.6g}" if m < 1 else "1 would mean no update at all"
             out.append(
                 (
@@ -192,21 +193,18 @@ class VariantConfig(_Strict):
 
     @property
     def gain_value(self) -> float:
-        """The gain as a number: ``gain``, or ``calculate_gain(nonlinearity)`` for null."""
+        """The gain as a number: ``gain``, or ``calculate_gain(nonlinearity)`` for null.
+
+        Raises:
+            ValueError: gain null for gelu (no calculate_gain entry).
+        """
         if self.gain is None:
             return float(torch.nn.init.calculate_gain(self.nonlinearity))
         return float(self.gain)
 
     @property
-    def momentum_value(self) -> float:
-        """BatchNorm momentum (PyTorch convention): ``momentum``, else 0.1 deep / 0.001."""
-        if self.momentum is not None:
-            return self.momentum
-        return 0.1 if self.is_deep else 0.001
-
-    @property
     def eps_value(self) -> float:
-        """The deep BatchNorm's eps under the square root: ``eps``, else 1e-5."""
+        """BatchNorm's eps under the square root ('var' form): ``eps``, else 1e-5."""
         return 1e-5 if self.eps is None else self.eps
 
     def hidden_size(self, model: ModelConfig) -> int:
@@ -225,6 +223,13 @@ class VariantConfig(_Strict):
         return TrainConfig.model_validate({**base.model_dump(), **self.train})
 
 
+# The keys each init recipe reads (besides gain): a key of the other recipe is an error.
+RECIPE_KEYS = {
+    "first_half": {"weight_scale", "bias_scale", "out_weight_scale", "out_bias_scale"},
+    "second_half": {"last_scale"},
+}
+
+
 class TrainConfig(_Strict):
     """The SGD run: seeds, steps, batch size and the step learning-rate schedule.
 
@@ -233,6 +238,11 @@ class TrainConfig(_Strict):
     max_steps`` is allowed and means the run never decays: the deep variants keep the
     lecture's decay at step 150,000 whatever their length, so that a shortened run (e.g.
     the lecture's 1,001 steps) is the first part of the full one.
+
+    ``kernels`` picks, for the ops that have two (tanh; the 'var' BatchNorm's variance
+    and backward), 'exact' (autograd's kernels in autograd's order: bitwise the
+    lecture's loop) or 'fast' (tanh as 2 sigmoid(2x) - 1, float32 variance, the
+    closed-form backward: within ~1e-6 relative, faster); see ``charlm.ops``.
     """
 
     seeds: list[int] = Field(default_factory=lambda: [2147483647], min_length=1)
@@ -243,6 +253,7 @@ class TrainConfig(_Strict):
     lr_decayed: float = Field(0.01, gt=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     record_every: int = Field(1000, ge=1)
+    kernels: Literal["exact", "fast"] = "exact"
 
     @field_validator("seeds")
     @classmethod
@@ -343,7 +354,7 @@ class Params(_Strict):
                 train = v.train_config(self.train)
             except (ValueError, FieldError) as e:
                 raise FieldError(f"variants.{name}.train", f"variants.{name}.train: {e}") from e
-            if (v.batchnorm or v.batchnorm_output) and train.batch_size < 2:
+            if v.has_batchnorm and train.batch_size < 2:
                 raise FieldError(
                     "train.batch_size",
                     f"variants.{name} uses BatchNorm, which needs train.batch_size >= 2 "

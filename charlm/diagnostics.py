@@ -3,8 +3,8 @@
 The pictures of makemore part 3 as numbers, for S stacked models. Every function
 works on a copy of the model's state where it would otherwise change it (a
 training-mode forward updates BatchNorm's running buffers), so calling them never
-changes the model that is evaluated. Each function takes the one-layer ``MLP`` or a
-deep ``charlm.layers.DeepMLP`` (makemore part 3's second half): hidden layers are
+changes the model that is evaluated. Each function takes any ``charlm.model.MLP``
+(depth 1 is the lecture's first network, depth 5 its second): hidden layers are
 listed input side first, weight matrices by their ``named_parameters()`` names.
 """
 
@@ -14,10 +14,10 @@ import copy
 
 import torch
 
-from charlm import layers
-from charlm.model import MLP, BatchNorm1d, cross_entropy_per_model
+from charlm.layers import BatchNorm1d
+from charlm.model import MLP, cross_entropy_per_model
 
-Model = MLP | layers.DeepMLP
+Model = MLP
 
 
 def forward_hidden(
@@ -26,14 +26,11 @@ def forward_hidden(
     """Per hidden layer (pre-activation, activation), each (S, B, H), and logits (S, B, V).
 
     The pre-activation is the nonlinearity's input (after BatchNorm when there is one);
-    for a ``DeepMLP`` the activations are its hidden nonlinearities' outputs
-    (``hidden_indices``, the lecture's ``layer.out`` of each Tanh).
+    the activations are the hidden nonlinearities' outputs (``hidden_indices``, the
+    lecture's ``layer.out`` of each Tanh).
     """
-    if isinstance(model, layers.DeepMLP):
-        outs = model.trace(idx)
-        return [(outs[i - 1], outs[i]) for i in model.hidden_indices], outs[-1]
-    hpreact, h = model.hidden(idx)
-    return [(hpreact, h)], torch.baddbmm(model.b2.unsqueeze(1), h, model.W2)
+    outs = model.trace(idx)
+    return [(outs[i - 1], outs[i]) for i in model.hidden_indices], outs[-1]
 
 
 def weight_matrices(model: Model) -> list[str]:
@@ -47,19 +44,16 @@ def weight_matrices(model: Model) -> list[str]:
     return [name for name, p in model.named_parameters() if p.dim() == 3]
 
 
-def batchnorm_layers(model: Model) -> dict[str, BatchNorm1d | layers.BatchNorm1d]:
-    """The model's BatchNorm modules by ``named_modules()`` name (empty without any):
-    the one-layer ``bn`` or each of a deep network's ``layers.i``."""
-    kinds = (BatchNorm1d, layers.BatchNorm1d)
-    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+def batchnorm_layers(model: Model) -> dict[str, BatchNorm1d]:
+    """The model's BatchNorm modules by ``named_modules()`` name (``layers.i``; empty
+    without any)."""
+    return model.batchnorm_modules
 
 
-def running_std(bn: BatchNorm1d | layers.BatchNorm1d) -> torch.Tensor:
-    """A BatchNorm module's running std, float32 (S, H): the one-layer module keeps it;
-    the deep one keeps the variance, whose square root this is (without eps)."""
-    if isinstance(bn, layers.BatchNorm1d):
-        return bn.running_var.sqrt()
-    return bn.running_std.clone()
+def running_std(bn: BatchNorm1d) -> torch.Tensor:
+    """A BatchNorm module's running std, float32 (S, H): the 'std' form keeps it; the
+    'var' form keeps the variance, whose square root this is (without eps)."""
+    return bn.running_stat.sqrt() if bn.form == "var" else bn.running_stat.clone()
 
 
 def n_params(model: Model) -> int:
@@ -85,33 +79,57 @@ def activations(model: Model, idx: torch.Tensor, train_mode: bool) -> list[dict[
     return [{"hpreact": hpreact.cpu(), "h": h.cpu()} for hpreact, h in hidden]
 
 
+def saturated(h: torch.Tensor, nonlinearity: str, threshold: float) -> torch.Tensor | None:
+    """Where an activation sits on a flat part of its nonlinearity, bool like ``h``.
+
+    tanh: |h| > threshold (tanh' = 1 - h^2 is near 0; makemore part 3's 0.97);
+    sigmoid: |2 h - 1| > threshold (h near 0 or 1, the same rule on sigmoid's range,
+    since sigmoid(x) = (1 + tanh(x / 2)) / 2); relu: h == 0 exactly (the unit is off:
+    relu' = 0); linear and gelu: None (no flat part, nothing to count).
+    """
+    if nonlinearity == "tanh":
+        return h.abs() > threshold
+    if nonlinearity == "sigmoid":
+        return (2 * h - 1).abs() > threshold
+    if nonlinearity == "relu":
+        return h == 0
+    return None
+
+
 def activation_summary(
-    h: torch.Tensor, hpreact: torch.Tensor, thresholds: tuple[float, ...] = (0.97, 0.99)
+    h: torch.Tensor,
+    hpreact: torch.Tensor,
+    thresholds: tuple[float, ...] = (0.97, 0.99),
+    nonlinearity: str = "tanh",
 ) -> dict:
-    """Per model: share of saturated activations, dead units, pre-activation mean and std.
+    """Per model: saturated (or zero) share, dead units, pre-activation mean and std.
 
     Args:
-        h, hpreact: float32 (S, P, H) tanh outputs and pre-activations on a probe batch.
-        thresholds: |h| above a threshold counts as saturated; the largest one also
-            defines dead units and the saturation image.
+        h, hpreact: float32 (S, P, H) activations and pre-activations on a probe batch.
+        thresholds: for tanh and sigmoid, ``saturated`` above each; the largest one
+            also defines dead units and the saturation image. relu counts exact zeros
+            (one rule, reported under each threshold's key); linear and gelu nothing.
+        nonlinearity: the hidden layers' nonlinearity (``saturated``).
     Returns:
-        'saturated': {str(t): list of S fractions of |h| > t};
-        'dead': S counts of units saturated (|h| > max(thresholds)) on every probe
-        example, whose gradient tanh' = 1 - h^2 is then near 0 for all of them;
-        'hpreact_mean', 'hpreact_std': S floats (non-finite for a diverged model);
-        'image': bool (S, P, H), |h| > max(thresholds) (makemore part 3's white cells).
+        'saturated': {str(t): list of S fractions of saturated (relu: zero) values},
+        empty for linear and gelu; 'dead': S counts of units saturated (relu: zero) on
+        every probe example, whose gradient is then near 0 (exactly 0 for relu) for all
+        of them, or None; 'hpreact_mean', 'hpreact_std': S floats (non-finite for a
+        diverged model); 'image': bool (S, P, H), saturated at max(thresholds)
+        (makemore part 3's white cells), or None.
     """
     S = h.shape[0]
-    a = h.abs()
-    top = max(thresholds)
+    top = saturated(h, nonlinearity, max(thresholds))
+    shares = {}
+    for t in thresholds if top is not None else ():
+        flat = saturated(h, nonlinearity, t).float().reshape(S, -1)
+        shares[f"{t:g}"] = flat.mean(1).tolist()
     return {
-        "saturated": {
-            f"{t:g}": (a > t).float().reshape(S, -1).mean(1).tolist() for t in thresholds
-        },
-        "dead": (a > top).all(dim=1).sum(1).tolist(),
+        "saturated": shares,
+        "dead": None if top is None else top.all(dim=1).sum(1).tolist(),
         "hpreact_mean": hpreact.reshape(S, -1).mean(1).tolist(),
         "hpreact_std": hpreact.reshape(S, -1).std(1).tolist(),
-        "image": a > top,
+        "image": top,
     }
 
 
@@ -150,7 +168,7 @@ def initial_logits(
     w2_std = m.get_parameter(output_weight).double().reshape(S, -1).std(1)
     H = h.shape[2]
     predicted = w2_std * h_rms * H**0.5
-    if isinstance(m, layers.DeepMLP) and isinstance(m.layers[-1], layers.BatchNorm1d):
+    if isinstance(m.layers[-1], BatchNorm1d):
         predicted = m.layers[-1].gamma.detach().double().pow(2).mean(1).sqrt()
     return {
         "loss": cross_entropy_per_model(logits, targets).double().tolist(),
@@ -212,45 +230,62 @@ def gradients(model: Model, idx: torch.Tensor, targets: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: MLP, X: torch.Tensor, chunk: int = 16384) -> dict[str, torch.Tensor]:
-    """Per-unit mean and unbiased std of emb @ W1 over a whole split (N >= 2 rows).
+def calibrate_batchnorm(model: MLP, X: torch.Tensor, chunk: int = 16384) -> dict[str, dict]:
+    """Per-unit mean and unbiased std of every BatchNorm's input over a whole split.
 
     The lecture's "calibrate the batch norm at the end of training" (makemore part 3),
-    computed in float64 in one pass of sums. Returns 'mean' and 'std', float32 (S, H).
+    for any depth: BatchNorm modules in layer order, each from the split's forward pass
+    in eval mode with the ones before it already calibrated (for the first, the
+    lecture's emb @ W1), in float64 sums. X int64 (N, T) with N >= 2. Returns
+    ``layers.i`` -> 'mean' and 'std', float32 (S, H) on the CPU.
     """
-    S, device = model.n_models, model.C.device
-    H = model.W1.shape[2]
-    total = torch.zeros(S, H, dtype=torch.float64, device=device)
-    total_sq = torch.zeros_like(total)
-    n = X.shape[0]
-    for i in range(0, n, chunk):
-        xb = X[i : i + chunk].to(device)
-        pre = torch.bmm(model.embed(xb.expand(S, -1, -1)), model.W1).double()  # (S, b, H)
-        total += pre.sum(1)
-        total_sq += (pre * pre).sum(1)
-    mean = total / n
-    var = (total_sq - n * mean * mean) / (n - 1)
-    return {"mean": mean.float().cpu(), "std": var.clamp_min(0).sqrt().float().cpu()}
+    S, device, n = model.n_models, model.C.device, X.shape[0]
+    m = copy.deepcopy(model).eval()
+    out = {}
+    for name, bn in m.batchnorm_modules.items():
+        index = int(name.split(".")[1])
+        total = torch.zeros(S, bn.gamma.shape[1], dtype=torch.float64, device=device)
+        total_sq = torch.zeros_like(total)
+        for i in range(0, n, chunk):
+            x = m.embed(X[i : i + chunk].to(device).expand(S, -1, -1))
+            for layer in m.layers[:index]:
+                x = layer(x)
+            pre = x.double()  # (S, b, H), this BatchNorm's input
+            total += pre.sum(1)
+            total_sq += (pre * pre).sum(1)
+        mean = total / n
+        std = ((total_sq - n * mean * mean) / (n - 1)).clamp_min(0).sqrt()
+        out[name] = {"mean": mean.float().cpu(), "std": std.float().cpu()}
+        _set_stats(bn, out[name]["mean"].to(device), out[name]["std"].to(device))
+    return out
 
 
-def with_batchnorm_stats(model: MLP, mean: torch.Tensor, std: torch.Tensor) -> MLP:
-    """A copy of ``model`` whose BatchNorm running buffers are ``mean`` and ``std``."""
+def _set_stats(bn: BatchNorm1d, mean: torch.Tensor, std: torch.Tensor) -> None:
+    bn.running_mean.copy_(mean)
+    bn.running_stat.copy_(std * std if bn.form == "var" else std)
+
+
+def with_batchnorm_stats(model: MLP, stats: dict[str, dict]) -> MLP:
+    """A copy of ``model`` whose BatchNorm running buffers are ``stats`` (as
+    ``calibrate_batchnorm`` returns: name -> 'mean', 'std'; a 'var' form gets std^2)."""
     m = copy.deepcopy(model)
-    m.bn.running_mean.copy_(mean)
-    m.bn.running_std.copy_(std)
+    with torch.no_grad():
+        for name, bn in m.batchnorm_modules.items():
+            _set_stats(bn, stats[name]["mean"], stats[name]["std"])
     return m
 
 
-def snapshot(model: layers.DeepMLP, capture: dict, threshold: float = 0.97) -> dict:
+def snapshot(model: MLP, capture: dict, threshold: float = 0.97) -> dict:
     """One captured training step as the lecture prints it (makemore part 3, "diagnostic
     tools"): the fields of ``charlm.artefacts.Snapshot``.
 
     Args:
-        model: the deep models the step belongs to (names and nonlinearity).
+        model: the models the step belongs to (names and nonlinearity).
         capture: the step's 0-based 'step' and ``engine.TrainResult.captures[step]``:
             'out' and 'out_grad' (hidden index -> (S, B, H)), 'grad' and 'param'
             (parameter name -> (S, ...), 'param' after that step's update).
-        threshold: |out| above it counts as saturated (the lecture's 0.97; tanh only).
+        threshold: saturation threshold (the lecture's 0.97; ``saturated``: relu counts
+            zeros, linear and gelu nothing, their share reads 0).
     Returns:
         Per hidden nonlinearity (input side first) mean, std, saturated share, and mean
         and std of its gradient; per weight matrix (``model.weight_names``) the gradient,
@@ -262,7 +297,7 @@ def snapshot(model: layers.DeepMLP, capture: dict, threshold: float = 0.97) -> d
     hidden = []
     for i in model.hidden_indices:
         out, grad = capture["out"][i], capture["out_grad"][i]
-        tanh = model.nonlinearity == "tanh"
+        sat = saturated(out, model.nonlinearity, threshold)
         hidden.append(
             {
                 "name": f"layers.{i}",
@@ -271,9 +306,7 @@ def snapshot(model: layers.DeepMLP, capture: dict, threshold: float = 0.97) -> d
                 "out_grad": grad,
                 "mean": flat(out).mean(1).tolist(),
                 "std": flat(out).std(1).tolist(),
-                "saturated": (
-                    (flat(out).abs() > threshold).double().mean(1) if tanh else torch.zeros(S)
-                ).tolist(),
+                "saturated": (torch.zeros(S) if sat is None else flat(sat).mean(1)).tolist(),
                 "grad_mean": flat(grad).mean(1).tolist(),
                 "grad_std": flat(grad).std(1).tolist(),
             }

@@ -4,12 +4,15 @@ Reads params evaluate.*, ``--data`` (the split) and ``--model`` (train's directo
 writes to ``--out`` (a directory): metrics.json (per-seed and summary split losses,
 val_unseen/test_unseen: the windows of val/test names absent from train),
 diagnostics.pt (``charlm.artefacts.Diagnostics``: activations, gradients, BatchNorm
-statistics; for a deep variant the snapshots of the captured training steps read from
-``--model``/snapshots.pt) and samples.json. metrics.json also holds ``n_params`` (per
-model) and, for a deep variant, ``depth``: per snapshot the seed means of the first and
-last hidden layer's output std, the largest saturated share (%) and the gradient stds.
+statistics, the snapshots of the captured training steps read from
+``--model``/snapshots.pt) and samples.json; and ``--curve``, the canonical seed's loss
+curve CSV (a DVC plot, windows of ``evaluate.curve_window`` steps as in the report).
+metrics.json also holds ``n_params`` (per
+model) and ``depth``: per snapshot the seed means of the first and last hidden layer's
+output std, the largest saturated share (%) and the gradient stds.
 Run: python -m pipeline.stages.evaluate --data data/processed --model data/models/kaiming \
-    --out data/eval/kaiming --record data/runs/evaluate@kaiming.json
+    --out data/eval/kaiming --curve reports/curves/kaiming.csv \
+    --record data/runs/evaluate@kaiming.json
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from charlm import diagnostics as diag
 from charlm.config import EvaluateConfig, ModelConfig, VariantConfig
 from charlm.data import Vocabulary
 from charlm.evaluate import sample, split_loss
-from charlm.layers import DeepMLP
 from charlm.model import MLP, new_model
 from pipeline import outputs, params, records
 
@@ -36,7 +38,7 @@ SPLITS = ("train", "val", "test")
 UNSEEN = ("val_unseen", "test_unseen")
 
 
-def load_model(checkpoint: dict, which: str = "state_dict") -> MLP | DeepMLP:
+def load_model(checkpoint: dict, which: str = "state_dict") -> MLP:
     """Rebuild the trained (or, with ``which='init_state_dict'``, initial) models."""
     model_cfg = ModelConfig(**checkpoint["model"])
     variant = VariantConfig.model_validate(checkpoint["variant"], strict=False)
@@ -49,6 +51,19 @@ def load_model(checkpoint: dict, which: str = "state_dict") -> MLP | DeepMLP:
     )
     model.load_state_dict(checkpoint[which])
     return model
+
+
+def curve_rows(loss: torch.Tensor, window: int) -> list[str]:
+    """CSV rows step,log10_loss of seed 0 (``diagnostics.loss_curve`` over ``window``).
+
+    A window holding a non-finite loss (the seed diverged) has no row: the curve stops.
+    """
+    steps, means = diag.loss_curve(loss[:, :1], window)
+    return [
+        f"{s},{v:.6f}"
+        for s, v in zip(steps.tolist(), means[:, 0].tolist(), strict=True)
+        if math.isfinite(v)
+    ]
 
 
 def summarise(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -79,27 +94,25 @@ def depth_summary(snapshots: dict[str, dict]) -> dict[str, dict[str, float | Non
     return out
 
 
-def batchnorm_records(model: MLP | DeepMLP, splits: dict, losses: dict) -> dict | None:
-    """``artefacts.BatchNorm`` fields: running statistics per BatchNorm module; for the
-    one-layer model also the calibrated ones (the lecture's calibration, which covers
-    one layer) and the split losses with them; None (not computed) for a deep model."""
+def batchnorm_records(model: MLP, splits: dict, losses: dict) -> dict | None:
+    """``artefacts.BatchNorm`` fields: running statistics per BatchNorm module, the
+    calibrated ones (the lecture's calibration, every BatchNorm in layer order) and
+    the split losses with them; None without BatchNorm."""
     modules = diag.batchnorm_layers(model)
     if not modules:
         return None
-    calibrated, loss_calibrated = {}, None
-    if not isinstance(model, DeepMLP):
-        calibrated = diag.calibrate_batchnorm(model, splits["train"]["X"])
-        recal = diag.with_batchnorm_stats(model, calibrated["mean"], calibrated["std"])
-        loss_calibrated = {
-            k: split_loss(recal, splits[k]["X"], splits[k]["Y"]).tolist() for k in SPLITS
-        }
+    calibrated = diag.calibrate_batchnorm(model, splits["train"]["X"])
+    recal = diag.with_batchnorm_stats(model, calibrated)
+    loss_calibrated = {
+        k: split_loss(recal, splits[k]["X"], splits[k]["Y"]).tolist() for k in SPLITS
+    }
     return {
         "layers": {
             name: {
                 "running_mean": bn.running_mean.clone(),
                 "running_std": diag.running_std(bn),
-                "calibrated_mean": calibrated.get("mean"),
-                "calibrated_std": calibrated.get("std"),
+                "calibrated_mean": calibrated[name]["mean"],
+                "calibrated_std": calibrated[name]["std"],
             }
             for name, bn in modules.items()
         },
@@ -109,8 +122,8 @@ def batchnorm_records(model: MLP | DeepMLP, splits: dict, losses: dict) -> dict 
 
 
 def diagnose(
-    model: MLP | DeepMLP,
-    init: MLP | DeepMLP,
+    model: MLP,
+    init: MLP,
     history: dict,
     probe: tuple[torch.Tensor, torch.Tensor],
     splits: dict,
@@ -127,8 +140,8 @@ def diagnose(
     gradient at its output at init, per weight matrix (named by the model) its gradient
     at init and its update ratio over training, for a BatchNorm model the running vs
     calibrated statistics with the split ``losses`` (eval mode, running statistics)
-    beside those recomputed with the calibrated ones (``batchnorm_records``), for a deep
-    model the ``captures`` of train's snapshots.pt as ``snapshots``
+    beside those recomputed with the calibrated ones (``batchnorm_records``), the
+    ``captures`` of train's snapshots.pt as ``snapshots``
     (``diag.snapshot``, saturation at ``cfg.saturation[0]``, the lecture's 0.97), and
     the parameter count per model.
     """
@@ -138,7 +151,12 @@ def diagnose(
     moments = {}
     for when, m in (("init", init), ("final", model)):
         moments[when] = [
-            {**a, **diag.activation_summary(a["h"], a["hpreact"], tuple(cfg.saturation))}
+            {
+                **a,
+                **diag.activation_summary(
+                    a["h"], a["hpreact"], tuple(cfg.saturation), model.nonlinearity
+                ),
+            }
             for a in diag.activations(m, probe_x, train_mode=(when == "init"))
         ]
     out: dict = {
@@ -174,13 +192,12 @@ def diagnose(
     return out
 
 
-def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dict:
-    """Do the work; returns the metrics written to metrics.json."""
+def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig, curve: Path) -> dict:
+    """Do the work; returns the metrics written to metrics.json. ``curve``: the DVC-plot
+    CSV of the canonical seed's loss, averaged as the report's (``cfg.curve_window``)."""
     checkpoint = torch.load(model_dir / "model.pt")
     history = torch.load(model_dir / "history.pt")
-    captures = None
-    if (model_dir / "snapshots.pt").exists():  # written for deep variants only
-        captures = torch.load(model_dir / "snapshots.pt")
+    captures = torch.load(model_dir / "snapshots.pt")
     summary = json.loads((model_dir / "train.json").read_text(encoding="utf-8"))
     splits = {k: torch.load(data / f"{k}.pt") for k in (*SPLITS, *UNSEEN)}
     words = json.loads((data / "words.json").read_text(encoding="utf-8"))
@@ -238,12 +255,13 @@ def evaluate(data: Path, model_dir: Path, out: Path, cfg: EvaluateConfig) -> dic
         "device": summary["device"],
         "n_params": diagnostics.n_params,
     }
-    if diagnostics.snapshots is not None:
-        metrics["depth"] = depth_summary(artefacts.to_state(diagnostics)["snapshots"])
+    metrics["depth"] = depth_summary(artefacts.to_state(diagnostics)["snapshots"])
     for k in reported:
         metrics["mean"][k], metrics["std"][k] = summarise(per_seed[k])
-    with outputs.atomic_path(out) as tmp:
+    rows = curve_rows(history["loss"], cfg.curve_window)
+    with outputs.atomic_path(out) as tmp, outputs.atomic_path(curve) as curve_tmp:
         tmp.mkdir()
+        curve_tmp.write_text("step,log10_loss\n" + "\n".join(rows) + "\n", encoding="utf-8")
         (tmp / "metrics.json").write_text(outputs.dumps_json(metrics), encoding="utf-8")
         (tmp / "samples.json").write_text(
             outputs.dumps_json({"seeds": seeds, "samples": shown, "share_in_train": in_train}),
@@ -259,10 +277,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--curve", type=Path, required=True)
     records.add_record_argument(parser)
     args = parser.parse_args()
     cfg = params.load(args.params, params.stage_keys("evaluate"))["evaluate"]
-    m = evaluate(args.data, args.model, args.out, cfg)
+    m = evaluate(args.data, args.model, args.out, cfg, args.curve)
     records.write_record(args.record)
     c = {k: "diverged" if v is None else f"{v:.4f}" for k, v in m["canonical"].items()}
     print(

@@ -3,13 +3,12 @@
 Reads params model, train and variants.<variant>, and the split in ``--data``; writes
 to ``--out`` (a directory): model.pt (final and initial state with the config and
 vocabulary they were built from), history.pt (per-step loss (steps, S), update:data
-ratios), train.json (divergence), for a deep variant snapshots.pt ('snapshot' and 'final', see
-``capture_steps``: each the captured step's 'step' and ``engine.TrainResult.captures``); and
-``--curve``, the loss curve CSV (a DVC plot). The training run is the global ``train``
-section with the variant's ``train`` overrides (``VariantConfig.train_config``).
+ratios), train.json (divergence) and snapshots.pt ('snapshot' and 'final', see
+``capture_steps``: each the captured step's 'step' and ``engine.TrainResult.captures``).
+The training run is the global ``train`` section with the variant's ``train`` overrides
+(``VariantConfig.train_config``).
 Run: python -m pipeline.stages.train --variant kaiming --data data/processed \
-    --out data/models/kaiming --curve reports/curves/kaiming.csv \
-    --record data/runs/train@kaiming.json
+    --out data/models/kaiming --record data/runs/train@kaiming.json
 The run record (``--record``) holds the wall time, device, worker threads, microseconds
 per model-step, revision and versions: nothing in ``--out`` varies from run to run.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -27,23 +25,8 @@ from tqdm import tqdm
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.cpus import available_cpus
-from charlm.diagnostics import loss_curve
-from charlm.model import build_mlp
+from charlm.init import build_mlp
 from pipeline import outputs, params, records
-
-
-def curve_rows(loss: torch.Tensor, window: int) -> list[str]:
-    """CSV rows step,log10_loss of seed 0 (``diagnostics.loss_curve`` over ``window``).
-
-    A window holding a non-finite loss (the seed diverged) has no row: the curve stops.
-    """
-    steps, means = loss_curve(loss[:, :1], window)
-    return [
-        f"{s},{v:.6f}"
-        for s, v in zip(steps.tolist(), means[:, 0].tolist(), strict=True)
-        if math.isfinite(v)
-    ]
-
 
 # The lecture's snapshot (makemore part 3: the statistics printed after 1,001 steps are
 # those of step 1,000's forward and backward pass).
@@ -51,7 +34,7 @@ SNAPSHOT_STEP = 1000
 
 
 def capture_steps(max_steps: int) -> dict[str, int]:
-    """Label -> 0-based step captured for a deep variant: 'snapshot' (``SNAPSHOT_STEP``,
+    """Label -> 0-based step captured: 'snapshot' (``SNAPSHOT_STEP``,
     when the run is that long) and 'final' (the last step)."""
     steps = {"snapshot": SNAPSHOT_STEP, "final": max_steps - 1}
     return {k: v for k, v in steps.items() if v < max_steps}
@@ -75,7 +58,6 @@ def train(
     variant: str,
     data: Path,
     out: Path,
-    curve: Path,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     variant_cfg: VariantConfig,
@@ -85,7 +67,7 @@ def train(
     run record. ``train_cfg`` is the global section; the run uses it merged with the
     variant's overrides, and the checkpoint records the merged one."""
     train_cfg = variant_cfg.train_config(train_cfg)
-    steps = capture_steps(train_cfg.max_steps) if variant_cfg.is_deep else {}
+    steps = capture_steps(train_cfg.max_steps)
     vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))
     counts = json.loads((data / "counts.json").read_text(encoding="utf-8"))
     split = torch.load(data / "train.pt")
@@ -143,16 +125,13 @@ def train(
         "record_steps": result.record_steps,
         "update_ratio": result.update_ratio,
     }
-    rows = curve_rows(result.loss, train_cfg.record_every)
-    with outputs.atomic_path(out) as tmp, outputs.atomic_path(curve) as curve_tmp:
+    with outputs.atomic_path(out) as tmp:
         tmp.mkdir()
         torch.save(checkpoint, tmp / "model.pt")
         torch.save(history, tmp / "history.pt")
-        if steps:  # deep variants only: one-layer model directories keep their files
-            snapshots = {k: {"step": i, **result.captures[i]} for k, i in steps.items()}
-            torch.save(snapshots, tmp / "snapshots.pt")
+        snapshots = {k: {"step": i, **result.captures[i]} for k, i in steps.items()}
+        torch.save(snapshots, tmp / "snapshots.pt")
         (tmp / "train.json").write_text(outputs.dumps_json(summary), encoding="utf-8")
-        curve_tmp.write_text("step,log10_loss\n" + "\n".join(rows) + "\n", encoding="utf-8")
     timing = {
         "device": str(device),
         "workers": workers,
@@ -168,14 +147,11 @@ def main() -> None:
     parser.add_argument("--variant", required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--curve", type=Path, required=True)
     records.add_record_argument(parser)
     args = parser.parse_args()
     keys = params.stage_keys("train", args.variant)
     p = params.load(args.params, keys)
-    _, timing = train(
-        args.variant, args.data, args.out, args.curve, p["model"], p["train"], p[keys[2]]
-    )
+    _, timing = train(args.variant, args.data, args.out, p["model"], p["train"], p[keys[2]])
     records.write_record(args.record, **timing)
     print(
         f"wrote {args.out}: training loop {timing['train_loop_seconds']:.1f} s "
