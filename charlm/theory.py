@@ -9,13 +9,15 @@ and Schoenholz et al. 2017 ("Deep Information Propagation", secs. 2-4).
 
 Pure functions of floats, numpy/scipy only, float64. Every Gaussian expectation is
 Gauss-Hermite quadrature (``scipy.special.roots_hermitenorm``) with an even node count
-growing with q (``_n_nodes``: 256 up to q = 2, then ~128 q) and one Richardson step.
-Against adaptive ``scipy.integrate.quad``: tanh, sigmoid, gelu within 1e-11 for
-q <= 100 and 1e-8 at q = 250 (tests check 1e-9); beyond, accuracy degrades (4e-5 at
-q = 1e3), as the rule cannot resolve a feature of width 1 under a Gaussian of std
-sqrt(q). relu: E[relu^2] and E[relu'^2] are exact to rounding (no node at the kink),
-E[relu] is within ~1e-6 relative. 2-D expectations (correlation map): 1e-10 for tanh
-at q <= 4, ~1e-5 relative for relu's kinks. Derivations: docs/theory.md.
+growing with q (``_n_nodes``: 256 up to q = 2, then 128 q rounded up to a power of two,
+at most 8192) and one Richardson step. Against adaptive ``scipy.integrate.quad``, the
+second moments of tanh, sigmoid, gelu and of their slopes are within 1e-11 for
+q <= 64 and 2e-10 at q = 100 (tests check 1e-9); beyond, tanh degrades (1e-6 at
+q = 250, 6e-4 at q = 1e3) as the rule cannot resolve a feature of width 1 under a
+Gaussian of std sqrt(q). relu: E[relu^2] and E[relu'^2] are exact to rounding (no
+node at the kink), E[relu] within ~1e-6 relative. 2-D expectations (correlation map):
+~1e-11 for tanh at q <= 4, ~1e-5 relative for relu's kinks. Derivations and sources:
+docs/theory.md.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def activation(nonlinearity: str) -> tuple[Fn, Fn]:
 
 
 def _n_nodes(q: float) -> int:
-    """Even node count: 256 up to q = 2, then ~128 q (node spacing ~ 1 / sqrt q), <= 16384."""
-    return int(min(16384, max(256, 2 * math.ceil(64.0 * q))))
+    """Power of two >= 128 q (node spacing ~ 1 / sqrt q), between 256 and 8192."""
+    return int(min(8192, max(256, 2 ** math.ceil(math.log2(max(128.0 * q, 1.0))))))
 
 
 @functools.cache
@@ -115,8 +117,9 @@ def propagate_q(
 ) -> np.ndarray:
     """float64 array (depth,) of q^1..q^depth, q^1 given (see ``q_from_input``).
 
-    Iterates ``length_map``; an entry overflowing float64 is inf and so is everything
-    after it. Raises ValueError for depth < 1.
+    Iterates ``length_map`` in float64 (no cut-off: relu at gain 1.9 reaches 1e35 by
+    layer 64); an entry overflowing float64 is inf and so is everything after it.
+    Raises ValueError for depth < 1.
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
@@ -124,7 +127,7 @@ def propagate_q(
     qs[0] = _check_q(q1)
     for i in range(1, depth):
         prev = qs[i - 1]
-        qs[i] = math.inf if prev > _Q_INF else length_map(prev, gain, nonlinearity, sigma_b)
+        qs[i] = length_map(prev, gain, nonlinearity, sigma_b) if math.isfinite(prev) else prev
     return qs
 
 
@@ -187,20 +190,21 @@ def chi(q: float, gain: float, nonlinearity: str) -> float:
     return gain**2 * gaussian_expectation(lambda h: dphi(h) ** 2, q)
 
 
+@functools.cache
 def fixed_point(
     gain: float, nonlinearity: str, sigma_b: float = 0.0, q_start: float = 1.0
 ) -> float:
     """q*: the fixed point of ``length_map`` that iteration from q_start converges to.
 
     Poole et al. 2016, sec. 2. Found by root-finding (Brent) on length_map(q) - q after
-    bracketing by doubling or halving q, since the map is increasing in q and the
+    bracketing by growing or shrinking q geometrically, since the map is increasing in q and the
     iterates are monotone. Returns 0.0 when the signal dies (tanh with gain <= 1 and
     sigma_b = 0; relu with gain^2 < 2 and sigma_b = 0; linear with gain < 1), inf when it
     diverges (q beyond 1e15: relu with gain^2 > 2, linear with gain > 1, or either at
     the critical gain with sigma_b > 0), and q_start itself when length_map(q_start) =
     q_start to 1e-12 relative (e.g. relu at gain sqrt(2), linear at gain 1, sigma_b = 0:
     every q is a fixed point). For tanh with gain > 1 and sigma_b = 0, q = 0 is an
-    unstable fixed point and q_start > 0 reaches the stable q* > 0.
+    unstable fixed point and q_start > 0 reaches the stable q* > 0. Cached.
     """
     q0 = _check_q(q_start)
 
@@ -211,17 +215,17 @@ def fixed_point(
     if abs(f0) <= 1e-12 * max(q0, 1e-300):
         return q0
     if f0 > 0:  # iterates increase: look above q0
-        lo, hi = q0, max(2.0 * q0, 1e-12)
+        lo, hi = q0, max(16.0 * q0, 1e-12)
         while excess(hi) > 0:
             if hi > _Q_INF:
                 return math.inf
-            lo, hi = hi, 2.0 * hi
+            lo, hi = hi, 16.0 * hi
     else:  # iterates decrease: look below q0
-        lo, hi = 0.5 * q0, q0
+        lo, hi = 1e-4 * q0, q0
         while excess(lo) < 0:
             if lo < 1e-300:
                 return 0.0
-            lo, hi = 0.5 * lo, lo
+            lo, hi = 1e-4 * lo, lo
     return float(optimize.brentq(excess, lo, hi, xtol=1e-300, rtol=1e-13, maxiter=200))
 
 
@@ -280,13 +284,14 @@ def correlation_map(
     return (gain**2 * _pair_expectation(phi, phi, q, c) + sigma_b**2) / q_next
 
 
+@functools.cache
 def correlation_fixed_point(gain: float, nonlinearity: str, sigma_b: float = 0.0) -> float:
     """c*, the stable fixed point of ``correlation_map`` at q = q*.
 
     Schoenholz et al. 2017, sec. 3: c* = 1 is stable iff chi_1 <= 1 (ordered phase,
     returned without search; also when q* = 0, where the map degenerates); in the
     chaotic phase (chi_1 > 1) c* < 1 is found by Brent's method on [0, 1 - delta]
-    (0 exactly for odd phi with sigma_b = 0). Raises ValueError if q* is inf.
+    (0 exactly for odd phi with sigma_b = 0). Raises ValueError if q* is inf. Cached.
     """
     q = fixed_point(gain, nonlinearity, sigma_b)
     if not math.isfinite(q):
