@@ -97,7 +97,7 @@ def q_from_input(mean_square_input: float, gain: float, sigma_b: float = 0.0) ->
     """q^1 = gain^2 * mean((x^0)^2) + sigma_b^2: the first layer's pre-activation moment.
 
     mean_square_input is mean((x^0)^2) of the actual input (for the makemore MLP, the
-    concatenated embedding, ~1 for C ~ N(0, 1)), not an assumed 1. Poole et al. 2016, eq. 3.
+    concatenated embedding, ~1 for C ~ N(0, 1)), not an assumed 1. Poole et al. 2016, sec. 2.
     """
     return gain**2 * float(mean_square_input) + sigma_b**2
 
@@ -105,7 +105,7 @@ def q_from_input(mean_square_input: float, gain: float, sigma_b: float = 0.0) ->
 def length_map(q: float, gain: float, nonlinearity: str, sigma_b: float = 0.0) -> float:
     """q^(l+1) = gain^2 E[phi(sqrt(q^l) z)^2] + sigma_b^2 (float, a variance).
 
-    Poole et al. 2016, eq. 3; Schoenholz et al. 2017, eq. 3. Raises ValueError for an
+    Poole et al. 2016, sec. 2; Schoenholz et al. 2017, sec. 2. Raises ValueError for an
     unknown nonlinearity or a negative / non-finite q.
     """
     phi, _ = activation(nonlinearity)
@@ -183,8 +183,9 @@ def dead_share(q: float, nonlinearity: str = "relu") -> float:
 def chi(q: float, gain: float, nonlinearity: str) -> float:
     """chi(q) = gain^2 E[phi'(sqrt(q) z)^2]: per-layer factor of the mean squared gradient.
 
-    Schoenholz et al. 2017, eq. 7 (chi_1 when q = q*) and sec. 4 (gradients). Float,
-    dimensionless.
+    Poole et al. 2016, sec. 2 and Schoenholz et al. 2017, sec. 2 (chi_1 when q = q*);
+    its role for gradients: Schoenholz et al.'s section on gradient backpropagation.
+    Float, dimensionless.
     """
     _, dphi = activation(nonlinearity)
     return gain**2 * gaussian_expectation(lambda h: dphi(h) ** 2, q)
@@ -197,8 +198,8 @@ def fixed_point(
     """q*: the fixed point of ``length_map`` that iteration from q_start converges to.
 
     Poole et al. 2016, sec. 2. Found by root-finding (Brent) on length_map(q) - q after
-    bracketing by growing or shrinking q geometrically, since the map is increasing in q and the
-    iterates are monotone. Returns 0.0 when the signal dies (tanh with gain <= 1 and
+    bracketing by growing or shrinking q geometrically (the map is increasing in q, so
+    the iterates are monotone). Returns 0.0 when the signal dies (tanh with gain <= 1 and
     sigma_b = 0; relu with gain^2 < 2 and sigma_b = 0; linear with gain < 1), inf when it
     diverges (q beyond 1e15: relu with gain^2 > 2, linear with gain > 1, or either at
     the critical gain with sigma_b > 0), and q_start itself when length_map(q_start) =
@@ -230,7 +231,7 @@ def fixed_point(
 
 
 def chi_1(gain: float, nonlinearity: str, sigma_b: float = 0.0) -> float:
-    """chi_1 = chi(q*) (Schoenholz et al. 2017, eq. 7). Raises ValueError if q* is inf."""
+    """chi_1 = chi(q*) (Schoenholz et al. 2017, sec. 2). Raises ValueError if q* is inf."""
     q = fixed_point(gain, nonlinearity, sigma_b)
     if not math.isfinite(q):
         raise ValueError(f"q* is infinite for {nonlinearity} at gain {gain}: no chi_1")
@@ -240,7 +241,7 @@ def chi_1(gain: float, nonlinearity: str, sigma_b: float = 0.0) -> float:
 def depth_scale(slope: float) -> float:
     """xi = -1 / ln(slope) in layers; inf when |ln slope| < 1e-12 (criticality).
 
-    Schoenholz et al. 2017, eqs. 8-9 (xi_c) and sec. 4 (gradients, xi_grad = -1/ln chi_1):
+    Schoenholz et al. 2017, sec. 3 (xi_c) and their gradient section (-1/ln chi_1):
     a quantity multiplied by ``slope`` per layer changes by e over |xi| layers. The sign
     is kept: xi < 0 means growth (slope > 1, e.g. exploding gradients).
     """
@@ -271,8 +272,8 @@ def correlation_map(
     """c^(l+1) from c^l for two inputs whose pre-activations both have moment q.
 
     c^(l+1) = (gain^2 E[phi(u1) phi(u2)] + sigma_b^2) / length_map(q), with
-    u1 = sqrt(q) z1, u2 = sqrt(q) (c z1 + sqrt(1 - c^2) z2): Poole et al. 2016, eqs. 4-5;
-    Schoenholz et al. 2017, eqs. 4-5 (their q* in the denominator equals length_map(q)
+    u1 = sqrt(q) z1, u2 = sqrt(q) (c z1 + sqrt(1 - c^2) z2): Poole et al. 2016, sec. 2;
+    Schoenholz et al. 2017, sec. 2 (their q* in the denominator equals length_map(q)
     at q = q*). 2-D Gauss-Hermite (<= 1024^2 nodes): 1e-10 for tanh at q <= 4; relu's
     kinks limit it to ~1e-5 relative (tests compare Cho & Saul's arc-cosine form).
     Raises ValueError for c outside [-1, 1].
@@ -313,8 +314,9 @@ def correlation_fixed_point(gain: float, nonlinearity: str, sigma_b: float = 0.0
 def chi_c(gain: float, nonlinearity: str, sigma_b: float = 0.0) -> float:
     """Slope of the correlation map at c*: gain^2 E[phi'(u1) phi'(u2)] at (q*, c*).
 
-    Schoenholz et al. 2017, eq. 7 generalised to c* < 1 (their sec. 3, "chi_c"); equals
-    chi_1 where c* = 1. Raises ValueError if q* is inf.
+    Schoenholz et al. 2017, sec. 3 (chi_c, the slope that sets xi_c; by Price's theorem
+    d/dc E[phi(u1) phi(u2)] = q E[phi'(u1) phi'(u2)]); equals chi_1 where c* = 1.
+    Raises ValueError if q* is inf.
     """
     q = fixed_point(gain, nonlinearity, sigma_b)
     c = correlation_fixed_point(gain, nonlinearity, sigma_b)
@@ -323,13 +325,14 @@ def chi_c(gain: float, nonlinearity: str, sigma_b: float = 0.0) -> float:
 
 
 def xi_c(gain: float, nonlinearity: str, sigma_b: float = 0.0) -> float:
-    """xi_c = -1 / ln(chi_c) in layers (Schoenholz et al. 2017, eq. 9); inf at criticality."""
+    """xi_c = -1 / ln(chi_c) in layers (Schoenholz et al. 2017, sec. 3); inf at criticality."""
     return depth_scale(chi_c(gain, nonlinearity, sigma_b))
 
 
 def trainable_depth(gain: float, nonlinearity: str, sigma_b: float = 0.0) -> float:
-    """6 xi_c layers: Schoenholz et al. 2017 (sec. 5, figs. 5-6) found random nets
-    trainable up to about this depth; 6 is their empirical constant, not a derived one.
+    """6 xi_c layers: Schoenholz et al. 2017 found random nets trainable up to about this
+    depth (their experiments, MNIST and CIFAR10 over depth and gain); 6 is an empirical
+    constant fitted there, not derived.
     """
     return 6.0 * xi_c(gain, nonlinearity, sigma_b)
 
@@ -339,8 +342,8 @@ def gradient_ratio(q_list: np.ndarray | list[float], gain: float, nonlinearity: 
 
     q_list = [q^1, ..., q^L] for the hidden layers (e.g. ``propagate_q``); d^l is the
     mean square of d loss / d x^l_i over units and inputs, x^l = phi(h^l) the output of
-    hidden layer l. Mean field (gradient independence; Schoenholz et al. 2017, sec. 4)
-    with equal hidden widths: d^l = chi(q^(l+1)) d^(l+1), so
+    hidden layer l. Mean field (gradient independence; Schoenholz et al. 2017, gradient
+    backpropagation section) with equal hidden widths: d^l = chi(q^(l+1)) d^(l+1), so
     d^l / d^L = prod_{k=l+1..L} chi(q^k). The output layer's own weights set d^L and
     cancel in the ratio. Compare with measured std(d loss / d x^l) / std(d loss / d x^L)
     via the square root. Unequal widths n_l would add a factor n_(l+1) / n_l per layer.
@@ -357,13 +360,14 @@ def batchnorm_gradient_growth(nonlinearity: str, batch_size: float) -> float:
 
     Net: h = W x, x' = phi(BN(h)) (no skip connections, BN without affine parameters),
     infinite width, gradients toward the input; the factor does not depend on the gain
-    (BN removes the scale of W). Values of Yang et al. 2019, "A Mean Field Theory of
-    Batch Normalization" (ICLR), sec. 3, gradient backpropagation:
+    (BN removes the scale of W). Yang et al. 2019, "A Mean Field Theory of Batch
+    Normalization" (ICLR), gradient backpropagation results:
 
     - linear, batch B >= 4: (B - 2) / (B - 3); 1 for B = inf.
     - relu, B = inf: pi / (pi - 1) ~ 1.467.
 
-    Both are re-derived in docs/theory.md and checked against a simulated net in the
+    Their theorem numbers could not be checked here (no full text offline), so both
+    values are re-derived in docs/theory.md and checked against simulated nets in the
     tests. Finite-batch relu and every tanh/sigmoid/gelu case: NotImplementedError (the
     paper characterises those through integral expressions and numerics, not a closed
     form reproduced here; for B = inf see ``batchnorm_large_batch_growth``, our
