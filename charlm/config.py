@@ -151,22 +151,12 @@ class VariantConfig(_Strict):
                     unused.append(f"{key} (used only with BatchNorm)")
         elif self.batchnorm_form == "std" and "eps" in given:
             unused.append("eps (the 'std' form has no eps)")
-        if self.nonlinearity == "gelu" and self.gain is None and self._uses_gain:
-            raise FieldError(
-                "gain",
-                "gelu has no torch.nn.init.calculate_gain entry: give gain a number "
-                "(e.g. 1.0, or sqrt(2) = 1.4142 as relu's, gelu's large-input limit)",
-            )
         if unused:
             raise FieldError(
                 unused[0].split()[0],
                 "key(s) that this variant would ignore: " + "; ".join(unused),
             )
         return self
-
-    @property
-    def _uses_gain(self) -> bool:
-        return not (self.init == "first_half" and self.weight_scale is not None)
 
     def advice(self) -> list[tuple[str, str]]:
         """Settings that are valid but almost surely not meant: (field, message) pairs.
@@ -193,14 +183,15 @@ class VariantConfig(_Strict):
 
     @property
     def gain_value(self) -> float:
-        """The gain as a number: ``gain``, or ``calculate_gain(nonlinearity)`` for null.
+        """The gain as a number: ``gain``, or for null ``calculate_gain(nonlinearity)``
+        (gelu, which torch lacks: ``charlm.theory.default_gain``, 1.5335)."""
+        if self.gain is not None:
+            return float(self.gain)
+        if self.nonlinearity == "gelu":
+            from charlm.theory import default_gain  # scipy: only for gelu
 
-        Raises:
-            ValueError: gain null for gelu (no calculate_gain entry).
-        """
-        if self.gain is None:
-            return float(torch.nn.init.calculate_gain(self.nonlinearity))
-        return float(self.gain)
+            return default_gain("gelu")
+        return float(torch.nn.init.calculate_gain(self.nonlinearity))
 
     @property
     def eps_value(self) -> float:

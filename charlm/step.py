@@ -122,6 +122,7 @@ class TrainStep:
         self.table = torch.eye(Vx, device=dev, dtype=dt) * (-1.0 / B)
         self.dlogits = new(S, B, Vx)
         self.douts: list[torch.Tensor | None] = [None] * len(self.ops)  # grad at each output
+        self.demb_view = self.ops[0].dx[:, :, : self.TE]
         self.neg_lr = new.const(0.0)
         self.lr = 0.0
 
@@ -195,7 +196,7 @@ class TrainStep:
         for j in range(len(self.ops) - 1, -1, -1):
             self.douts[j] = d
             d = self.ops[j].backward(d)
-        self.demb_rows.copy_(d[:, :, : self.TE])
+        self.demb_rows.copy_(self.demb_view if d is self.ops[0].dx else d[:, :, : self.TE])
         self.gCflat.zero_()
         self.gCflat.index_add_(0, flat, self.demb_src)
 
