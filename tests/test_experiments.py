@@ -213,7 +213,7 @@ def test_the_makefile_sweep_queues_exactly_the_values_written() -> None:
 
 
 def test_hydra_range_sweeps_queue_values_nobody_wrote() -> None:
-    """The README's caveat: a float range() steps by the exact binary value of the step
+    """docs/experiments.md's caveat: a float range() steps by the exact binary value of the step
     (Decimal(0.1) is 0.1000000000000000055...); sorted in reverse it starts from the stop
     value, so the grid shifts by 0.01 and gains 0.26; an explicit list queues what it says."""
     assert queued_values("g=sort(range(0.5,3.01,0.25),reverse=true)")[:4] == [
