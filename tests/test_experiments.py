@@ -303,6 +303,7 @@ def copy_of(baseline: Path, dest: Path) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_queued_gain_sweep_and_sweep_report(
     baseline: Path, tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,6 +352,7 @@ def test_queued_gain_sweep_and_sweep_report(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_exp_show_sorts_by_a_gain(baseline: Path, tmp_path: Path, env: dict[str, str]) -> None:
     """Issue 11, item 9: one queued experiment sets a gain, another a learning rate; DVC
     must sort all rows by the gain. With the old default ``gain: tanh`` (a string beside
@@ -366,6 +368,7 @@ def test_exp_show_sorts_by_a_gain(baseline: Path, tmp_path: Path, env: dict[str,
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_new_variants_from_the_command_line(
     baseline: Path, tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -411,6 +414,7 @@ def test_new_variants_from_the_command_line(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_share_experiment_through_git_and_dvc_remotes(
     baseline: Path, tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,7 +38,7 @@ from pipeline.stages.evaluate import evaluate
 from pipeline.stages.split import split
 from pipeline.stages.train import curve_rows, diverged_steps, train
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CANONICAL = 2147483647
 # BatchNorm with batch_size 4 on the lecture's split: seed 2's loss becomes NaN at step
