@@ -1,5 +1,6 @@
 # make repro: set up .venv (from the pinned requirements) and run the DVC pipeline.
 # make test:  set up the same way and run the test suite.
+# make test-fast: the unit tests only (not the tests marked slow: dvc, pipelines, browser, bench).
 SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -8,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NAMES_MIRROR ?= $(wildcard $(CURDIR)/../shared/data/names.txt)
 export NAMES_MIRROR
 
-.PHONY: repro test bench sweep sweep-report lint clean-venv
+.PHONY: repro test test-fast bench sweep sweep-report lint clean-venv
 
 $(STAMP): requirements.txt
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -22,6 +23,9 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	python -m pytest
+
+test-fast: $(STAMP)
+	python -m pytest -m "not slow"
 
 bench: $(STAMP)
 	python -m benchmarks.bench

@@ -12,7 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from support import ROOT, run
+
+pytestmark = pytest.mark.slow  # the bench in a subprocess: every network, three ways
 
 NETWORKS = ["naive", "kaiming", "batchnorm", "deep_bn", "deep_tanh"]
 KEYS = ("loss", "params", "buffers")

@@ -169,6 +169,7 @@ def test_the_closure_follows_imports_inside_functions_and_the_template():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_editing_an_imported_module_makes_dvc_status_list_the_stage(tmp_path, tiny_run, repo_env):
     """Issue 11, item 1: after any edit to a module a stage imports, ``dvc status`` lists
     that stage, and no stage that does not import it. Takes a copy of the session's tiny

@@ -213,7 +213,7 @@ def test_the_makefile_sweep_queues_exactly_the_values_written() -> None:
 
 
 def test_hydra_range_sweeps_queue_values_nobody_wrote() -> None:
-    """The README's caveat: a float range() steps by the exact binary value of the step
+    """docs/experiments.md's caveat: a float range() steps by the exact binary value of the step
     (Decimal(0.1) is 0.1000000000000000055...); sorted in reverse it starts from the stop
     value, so the grid shifts by 0.01 and gains 0.26; an explicit list queues what it says."""
     assert queued_values("g=sort(range(0.5,3.01,0.25),reverse=true)")[:4] == [
@@ -303,6 +303,7 @@ def copy_of(baseline: Path, dest: Path) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_queued_gain_sweep_and_sweep_report(
     baseline: Path, tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,6 +352,7 @@ def test_queued_gain_sweep_and_sweep_report(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_exp_show_sorts_by_a_gain(baseline: Path, tmp_path: Path, env: dict[str, str]) -> None:
     """Issue 11, item 9: one queued experiment sets a gain, another a learning rate; DVC
     must sort all rows by the gain. With the old default ``gain: tanh`` (a string beside
@@ -366,6 +368,7 @@ def test_exp_show_sorts_by_a_gain(baseline: Path, tmp_path: Path, env: dict[str,
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_new_variants_from_the_command_line(
     baseline: Path, tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -411,6 +414,7 @@ def test_new_variants_from_the_command_line(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_share_experiment_through_git_and_dvc_remotes(
     baseline: Path, tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,7 +38,7 @@ from pipeline.stages.evaluate import evaluate
 from pipeline.stages.split import split
 from pipeline.stages.train import curve_rows, diverged_steps, train
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CANONICAL = 2147483647
 # BatchNorm with batch_size 4 on the lecture's split: seed 2's loss becomes NaN at step
@@ -313,14 +313,25 @@ def test_same_params_same_bytes_another_seed_differs(pipeline, tmp_path):
 # ---------------------------------------------------------------------- interruption
 
 
+def _default_sigint() -> None:
+    """Run in the child before exec: SIGINT takes its default action, as in a terminal's
+    foreground job. Started with SIGINT ignored (``nohup make test &``, a CI runner that
+    ignores it), the tests would hand that on across exec, and the stages and dvc (a
+    Python program: with SIG_DFL it installs ``default_int_handler``) rightly keep
+    ignoring a SIGINT their parent chose to ignore, so the SIGINT cases would time out."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Proc:
-    """A command in its own process group, its output read by a thread."""
+    """A command in its own process group, with SIGINT's default action, its output read
+    by a thread."""
 
     def __init__(self, cmd: list[str], cwd: Path, env: dict | None = None):
         full_env = {**os.environ, **(env or {})}
         full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"
         self.p = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  preexec_fn=_default_sigint)  # fmt: skip
         self.out = bytearray()
         threading.Thread(target=self._read, daemon=True).start()
 

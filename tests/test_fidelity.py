@@ -157,6 +157,7 @@ SHORT_DEEP = {"variants": {v: {"train": {"seeds": [CANONICAL_SEED, 1], "max_step
 
 
 @pytest.mark.fidelity
+@pytest.mark.slow
 def test_default_pipeline_reproduces_reference_numbers(tmp_path, repo_env):
     root = make_repo(tmp_path / "repo", SHORT_DEEP)  # the one-layer variants' defaults
     check_defaults(root / "params.yaml")

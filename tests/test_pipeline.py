@@ -18,7 +18,7 @@ import pytest
 import yaml
 from support import TINY, run, strict_json
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 VARIANTS = ("naive", "kaiming", "batchnorm", "deep_bn", "deep_tanh")
 DEEP = ("deep_bn", "deep_tanh")

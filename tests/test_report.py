@@ -302,6 +302,7 @@ def assert_complete_page(visit: PageVisit) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     root, _ = tiny
     page = root / "reports" / "report.html"
@@ -348,6 +349,7 @@ INJECTED = {
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(INJECTED))
 def test_browser_check_catches_a_fault_injected_into_the_report(fault, tiny, tmp_path, browser):
     """The checker itself: the real report plus one fault fails for that fault's reason."""
@@ -365,6 +367,7 @@ def test_browser_check_catches_a_fault_injected_into_the_report(fault, tiny, tmp
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_report_rerun_is_byte_identical_even_after_a_commit(tiny):
     root, env = tiny
     outs = [root / "reports" / n for n in ("report.html", "report.ipynb", "metrics.json")]
@@ -447,6 +450,7 @@ def make_degenerate(src: Path, dst: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_report_on_degenerate_diagnostics_is_complete_with_notes(tiny, tmp_path, browser):
     root, _ = tiny
     make_degenerate(root / "data" / "eval", tmp_path / "eval")
@@ -464,6 +468,7 @@ def test_report_on_degenerate_diagnostics_is_complete_with_notes(tiny, tmp_path,
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_report_stage_fails_cleanly_when_a_cell_fails(tiny, tmp_path):
     root, _ = tiny
     shutil.copytree(root / "data" / "eval", tmp_path / "eval")
