@@ -40,6 +40,7 @@ from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
 from charlm.init import build_mlp
+from charlm.step import round_up
 from reference.lecture import lecture_deep_train, lecture_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def gemm_limit(S: int, workers: int, kind: str = "shallow", repeats: int = 5) ->
     """
     groups = engine.seed_groups(S, workers)
     g = max(sl.stop - sl.start for sl in groups)
-    Kp, Vp = engine._round_up(T * E + 1), engine._round_up(V)
+    Kp, Vp = round_up(T * E + 1), round_up(V)
     shapes = [  # (A, B) per GEMM, as engine._Step issues them
         ((g, B, Kp), (g, Kp, H)), ((g, B, H), (g, H, Vp)), ((g, H, B), (g, B, Vp)),
         ((g, B, V), (g, V, H)), ((g, Kp, B), (g, B, H)), ((g, B, H), (g, H, Kp)),

@@ -12,7 +12,7 @@ import torch
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.cpus import available_cpus, cgroup_quota
-from charlm.model import build_mlp
+from charlm.init import build_mlp
 
 HOST = 16  # cores in the affinity mask of the fake host
 

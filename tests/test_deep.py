@@ -3,8 +3,8 @@ the lecture's printed statistics (makemore part 3, "PyTorch-ifying"; DESIGN.md, 
 deep network") reproduced by the eager oracle and by the engine.
 
 Two independent computations compared (micrograd's test): the engine's backward
-against autograd through ``DeepMLP.forward``; the engine's run against the lecture's
-loop written out in ``reference/lecture.py``.
+against autograd through ``MLP.forward``; the engine's run against the lecture's
+loop written out in ``reference/lecture.py`` (bitwise with exact kernels).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from charlm.config import FieldError, ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
 from charlm.diagnostics import snapshot as snapshot_records
 from charlm.evaluate import split_loss
-from charlm.layers import DeepMLP
-from charlm.model import build_mlp
+from charlm.init import build_mlp
+from charlm.model import MLP
 from reference.lecture import deep_layers, lecture_deep_loss, lecture_deep_train
 
 SEED = 2147483647
@@ -41,7 +41,7 @@ GRAD_DATA = [8.012630e-03, 4.881091e-02, 6.964619e-02, 6.073741e-02, 5.631483e-0
 SPLIT_LOSS = {"train": 2.4003, "val": 2.3982}
 
 
-def build(variant: dict, seeds: list[int]) -> tuple[DeepMLP, list[torch.Generator]]:
+def build(variant: dict, seeds: list[int]) -> tuple[MLP, list[torch.Generator]]:
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     return build_mlp(ModelConfig(), VariantConfig(**variant), 27, 3, gens), gens
 
@@ -65,12 +65,13 @@ def test_gain_null_is_calculate_gain(nonlinearity, gain):
         ({"gain": True}, "gain must be a number > 0 or null"),
         ({"gain": -1.0}, "finite number > 0"),
         ({"layers": 0}, "greater than or equal to 1"),
-        ({"layers": 2, "nonlinearity": "sigmoid"}, "'tanh', 'relu' or 'linear'"),
-        ({"nonlinearity": "relu"}, "one-layer form is tanh only"),
-        ({"layers": 3, "w2_scale": 0.01}, "one-layer form only"),
-        ({"eps": 1e-3, "batchnorm": True}, "deep form only"),
+        ({"layers": 2, "nonlinearity": "swish"}, "'sigmoid' or 'gelu'"),
+        ({"layers": 3, "w2_scale": 0.01}, "Extra inputs are not permitted"),  # removed keys
+        ({"layers": 3, "deep": False}, "Extra inputs are not permitted"),
+        ({"w1_init": "normal"}, "Extra inputs are not permitted"),
+        ({"eps": 1e-3, "batchnorm": True, "batchnorm_form": "std"}, "'std' form has no eps"),
         ({"layers": 3, "momentum": 0.1}, "used only with BatchNorm"),
-        ({"layers": 3, "deep": False}, "needs the deep form"),
+        ({"layers": 3, "last_scale": 0.1, "init": "first_half"}, "second_half only"),
         ({"train": {"max_step": 10}}, "unknown train key"),
     ],
 )
@@ -80,10 +81,16 @@ def test_invalid_variant(kwargs, pattern):
 
 
 def test_defaults_keep_their_meaning():
+    """Depth changes nothing but the depth: the same recipe, BatchNorm form, momentum
+    and eps at depth 1 and depth 2 (the lecture's first-half BatchNorm is explicit)."""
     one, deep = VariantConfig(batchnorm=True), VariantConfig(layers=2, batchnorm=True)
-    assert not one.is_deep and deep.is_deep and VariantConfig(deep=True).is_deep
-    assert one.momentum_value == 0.001 and deep.momentum_value == 0.1
-    assert deep.eps_value == 1e-5 and deep.last_scale == 0.1
+    for v in (one, deep):
+        assert v.init == "second_half" and v.batchnorm_form == "var"
+        assert v.momentum == 0.1 and v.eps_value == 1e-5 and v.last_scale == 0.1
+        assert v.has_batchnorm and not v.batchnorm_output
+    assert VariantConfig(batchnorm_output=True).has_batchnorm
+    assert not VariantConfig().has_batchnorm
+    assert VariantConfig(init="first_half").out_weight_scale == 0.01
     assert (
         one.hidden_size(ModelConfig()) == 200 == VariantConfig(layers=2).hidden_size(ModelConfig())
     )
@@ -109,13 +116,13 @@ def test_train_override_merges_over_the_global_section():
         (DEEP_TANH, 46_497),
         ({}, 11_897),
         ({"batchnorm": True}, 12_097),
-        ({"deep": True}, 11_897),  # one hidden layer in the deep form: same sizes
+        ({"init": "first_half"}, 11_897),  # the recipe never changes the sizes
     ],
 )
 def test_parameter_counts(variant, count):
     model, _ = build(variant, [SEED])
     assert sum(p.numel() for p in model.parameters()) == count
-    assert isinstance(model, DeepMLP) == VariantConfig(**variant).is_deep
+    assert model.depth == VariantConfig(**variant).layers
 
 
 @pytest.mark.parametrize("batchnorm", [True, False])
@@ -205,11 +212,13 @@ def test_seed_trains_alike_alone_and_inside_a_batch():
 # ---------------------------------------------- engine vs the lecture's loop
 
 
+@pytest.mark.parametrize("kernels", ["exact", "fast"])
 @pytest.mark.parametrize("batchnorm", [True, False], ids=["deep_bn", "deep_tanh"])
-def test_engine_follows_the_lecture_loop(batchnorm, splits):
-    """Not bitwise (charlm/deep_step.py: closed-form BatchNorm backward, sigmoid tanh,
-    float32 variance) but within float32 rounding after 300 steps, and so is the
-    recorded update:data ratio (the lecture's ``ud``, after the update)."""
+def test_engine_follows_the_lecture_loop(batchnorm, kernels, splits):
+    """Exact kernels: bitwise the lecture's loop (losses, parameters, BatchNorm
+    buffers) after 300 steps. Fast kernels (charlm/ops.py: closed-form BatchNorm
+    backward, sigmoid tanh, float32 variance): within float32 rounding. Either way the
+    recorded update:data ratio (the lecture's ``ud``, after the update) agrees."""
     X, Y = splits["train"]
     steps = 300
     threads = torch.get_num_threads()
@@ -219,8 +228,16 @@ def test_engine_follows_the_lecture_loop(batchnorm, splits):
     finally:
         torch.set_num_threads(threads)
     model, gens = build(DEEP_BN if batchnorm else DEEP_TANH, [SEED])
-    cfg = TrainConfig(seeds=[SEED], max_steps=steps, lr_decay_step=steps, record_every=100)
+    cfg = TrainConfig(
+        seeds=[SEED], max_steps=steps, lr_decay_step=steps, record_every=100, kernels=kernels
+    )
     result = engine.train(model, X, Y, gens, cfg)
+    if kernels == "exact":
+        assert torch.equal(result.loss[:, 0], ref["loss"])
+        for name, p in model.named_parameters():
+            assert torch.equal(p[0].detach(), ref["params"][name]), name
+        for name, b in model.named_buffers():
+            assert torch.equal(b[0], ref["buffers"][name]), name
     assert_close(result.loss[:, 0], ref["loss"], rtol=0, atol=1e-5)
     for name, p in model.named_parameters():
         assert_close(p[0].detach(), ref["params"][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -13,15 +13,23 @@ from torch.testing import assert_close
 from charlm import artefacts
 from charlm import diagnostics as diag
 from charlm.config import ModelConfig, VariantConfig
-from charlm.model import build_mlp
+from charlm.init import build_mlp
 
 V, T = 27, 3
 VARIANTS = {
-    "naive": VariantConfig(w1_init="normal", w1_scale=1.0, b1_scale=1.0, w2_scale=1.0,
-                           b2_scale=1.0),
-    "kaiming": VariantConfig(),
-    "batchnorm": VariantConfig(batchnorm=True),
+    "naive": VariantConfig(init="first_half", weight_scale=1.0, bias_scale=1.0,
+                           out_weight_scale=1.0, out_bias_scale=1.0),
+    "kaiming": VariantConfig(init="first_half"),
+    "batchnorm": VariantConfig(init="first_half", batchnorm=True, batchnorm_form="std",
+                               momentum=0.001),
 }  # fmt: skip
+# The one-layer network's W1 and W2 under the layer-list MLP's names (W2 follows a
+# BatchNorm layer in the 'batchnorm' variant).
+W1 = "layers.0.weight"
+
+
+def w2(name: str) -> str:
+    return "layers.3.weight" if name == "batchnorm" else "layers.2.weight"
 
 
 def model(name: str, seeds=(1, 2)):
@@ -58,11 +66,29 @@ def test_activation_summary_counts_by_hand():
     assert s["hpreact_mean"] == pytest.approx([3 * (4 * 0.995 - 0.98) / 12, 3 * 2 / 12])
 
 
+def test_saturation_rule_per_nonlinearity():
+    """tanh |h| > t; sigmoid |2h - 1| > t (the same rule on (0, 1)); relu exact zeros;
+    linear and gelu have no flat part: None, an empty share and no dead units."""
+    h = torch.tensor([[[0.0, 0.5, 0.996, -0.996, 0.001, 0.999]]])
+    assert diag.saturated(h, "tanh", 0.99).tolist() == [[[False, False, True, True, False, True]]]
+    assert diag.saturated(h, "sigmoid", 0.99).tolist() == [[[True, False, True, True, True, True]]]
+    assert diag.saturated(h, "relu", 0.99).tolist() == [[[True, False, False, False, False, False]]]
+    for kind in ("linear", "gelu"):
+        assert diag.saturated(h, kind, 0.99) is None
+        s = diag.activation_summary(h, h, (0.97, 0.99), kind)
+        assert s["saturated"] == {} and s["dead"] is None and s["image"] is None
+        assert s["hpreact_mean"] == pytest.approx([float(h.mean())])
+    relu = torch.tensor([[[0.0, 2.0], [0.0, 0.0], [0.0, 1e-30]]])  # unit 0 off throughout
+    s = diag.activation_summary(relu, relu, (0.97, 0.99), "relu")
+    assert s["saturated"] == {"0.97": [pytest.approx(4 / 6)], "0.99": [pytest.approx(4 / 6)]}
+    assert s["dead"] == [1] and int(s["image"].sum()) == 4
+
+
 def test_initial_logits_of_a_zero_output_layer_are_uniform():
     m = model("kaiming")
     with torch.no_grad():
-        m.W2.zero_()
-        m.b2.zero_()
+        m.layers[2].weight.zero_()  # W2
+        m.layers[2].bias.zero_()  # b2
     x, y = probe(2)
     il = diag.initial_logits(m, x, y)
     assert il["loss"] == pytest.approx([math.log(V)] * 2, abs=1e-6)
@@ -90,13 +116,14 @@ def test_gradient_at_h_by_hand(name):
     m = model(name)
     x, y = probe(2)
     g = diag.gradients(m, x, y)
-    _, h = m.train().hidden(x)
-    logits = torch.baddbmm(m.b2.unsqueeze(1), h, m.W2).detach()
+    out = m.layers[-1]  # the output Linear: W2, b2
+    h = m.train().trace(x)[m.hidden_indices[0]]
+    logits = torch.baddbmm(out.bias.unsqueeze(1), h, out.weight).detach()
     dlogits = torch.softmax(logits, 2) - torch.nn.functional.one_hot(y, V).float()
-    expected = torch.bmm(dlogits / x.shape[1], m.W2.detach().transpose(1, 2))
+    expected = torch.bmm(dlogits / x.shape[1], out.weight.detach().transpose(1, 2))
     (dh,) = g["dh"]  # one hidden layer
     assert_close(dh, expected, rtol=1e-5, atol=1e-8)
-    assert list(g["weights"]) == ["C", "W1", "W2"]  # the model's names, in its order
+    assert list(g["weights"]) == ["C", W1, w2(name)]  # the model's names, in its order
     for w, rec in g["weights"].items():
         grad = torch.autograd.grad(m.train()(x, y)[1].sum(), m.get_parameter(w))[0]
         expected = grad.reshape(2, -1).std(1) / m.get_parameter(w).detach().reshape(2, -1).std(1)
@@ -107,10 +134,14 @@ def test_gradient_at_h_by_hand(name):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_weight_matrices_are_the_models_2d_parameters(name):
     m = model(name)
-    assert diag.weight_matrices(m) == ["C", "W1", "W2"]
-    assert list(diag.batchnorm_layers(m)) == (["bn"] if name == "batchnorm" else [])
-    m.W3 = torch.nn.Parameter(torch.zeros(2, 4, 5))  # a deeper model names its own
-    assert diag.weight_matrices(m)[-1] == "W3"
+    assert diag.weight_matrices(m) == ["C", W1, w2(name)] == m.weight_names
+    assert [m.weight_label(w) for w in m.weight_names] == ["C", "W1", "W2"]
+    assert list(diag.batchnorm_layers(m)) == (["layers.1"] if name == "batchnorm" else [])
+    deeper = deep_model("deep_tanh")  # a deeper model lists every Linear weight
+    assert diag.weight_matrices(deeper) == deeper.weight_names == [
+        "C", "layers.0.weight", "layers.2.weight", "layers.4.weight", "layers.6.weight"
+    ]  # fmt: skip
+    assert [deeper.weight_label(w) for w in deeper.weight_names] == ["C", "W1", "W2", "W3", "W4"]
 
 
 def test_gradients_do_not_touch_the_model():
@@ -126,16 +157,43 @@ def test_gradients_do_not_touch_the_model():
 
 
 def test_calibrate_batchnorm_against_torch_mean_std():
+    """The lecture's calibration, emb @ W1 over the whole split, for the 'std' form."""
     m = model("batchnorm")
     X = torch.randint(0, V, (1000, T), generator=torch.Generator().manual_seed(3))
     cal = diag.calibrate_batchnorm(m, X, chunk=300)
+    assert list(cal) == ["layers.1"]
     with torch.no_grad():
-        pre = torch.bmm(m.embed(X.expand(2, -1, -1)), m.W1)  # (S, N, H)
-    assert_close(cal["mean"], pre.mean(1), rtol=1e-5, atol=1e-6)
-    assert_close(cal["std"], pre.std(1), rtol=1e-5, atol=1e-6)
-    recal = diag.with_batchnorm_stats(m, cal["mean"], cal["std"])
-    assert torch.equal(recal.bn.running_mean, cal["mean"])
-    assert torch.equal(m.bn.running_mean, torch.zeros_like(cal["mean"]))  # original kept
+        pre = torch.bmm(m.embed(X.expand(2, -1, -1)), m.layers[0].weight)  # (S, N, H)
+    c = cal["layers.1"]
+    assert_close(c["mean"], pre.mean(1), rtol=1e-5, atol=1e-6)
+    assert_close(c["std"], pre.std(1), rtol=1e-5, atol=1e-6)
+    recal = diag.with_batchnorm_stats(m, cal)
+    assert torch.equal(recal.layers[1].running_mean, c["mean"])
+    assert torch.equal(recal.layers[1].running_std, c["std"])  # the 'std' form keeps std
+    assert torch.equal(m.layers[1].running_mean, torch.zeros_like(c["mean"]))  # original kept
+
+
+def test_calibrate_every_batchnorm_in_layer_order():
+    """A deep 'var' form net: each BatchNorm from the eval-mode forward pass with the ones
+    before it calibrated already; the 'var' form receives std^2."""
+    m = deep_model("deep_bn")
+    X = torch.randint(0, V, (500, T), generator=torch.Generator().manual_seed(5))
+    cal = diag.calibrate_batchnorm(m, X, chunk=128)
+    names = ["layers.1", "layers.4", "layers.7", "layers.10"]
+    assert list(cal) == names
+    recal = diag.with_batchnorm_stats(m, cal).eval()
+    with torch.no_grad():
+        outs = recal.trace(X.expand(2, -1, -1))
+    for name in names:
+        i = int(name.split(".")[1])
+        pre = outs[i - 1].double()  # the BatchNorm's input, earlier ones calibrated
+        assert_close(cal[name]["mean"], pre.mean(1).float(), rtol=1e-5, atol=1e-6)
+        assert_close(cal[name]["std"], pre.std(1).float(), rtol=1e-5, atol=1e-6)
+        bn = recal.get_submodule(name)
+        assert bn.form == "var" and torch.equal(bn.running_mean, cal[name]["mean"])
+        assert torch.equal(bn.running_var, cal[name]["std"] * cal[name]["std"])
+    for bn in m.batchnorm_modules.values():  # the model itself is untouched
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 
 
 def records(n_layers: int = 1, S: int = 2, P: int = 4, H: int = 3) -> artefacts.Diagnostics:
@@ -207,7 +265,7 @@ def test_evaluate_stage_diagnostics_are_valid_records(tmp_path):
     X = torch.randint(0, V, (50, T), generator=torch.Generator().manual_seed(4))
     splits = {k: {"X": X, "Y": X[:, 0]} for k in ("train", "val", "test")}
     history = {"loss": torch.full((20, 2), 3.0), "record_steps": torch.tensor([0, 10]),
-               "update_ratio": {w: torch.zeros(2, 2) for w in ("C", "W1", "W2")}}  # fmt: skip
+               "update_ratio": {w: torch.zeros(2, 2) for w in m.weight_names}}  # fmt: skip
     losses = {k: [2.0, 2.1] for k in splits}
     fields = diagnose(m, init, history, (x, y), splits, losses, EvaluateConfig(curve_window=5))
     d = artefacts.from_state(
@@ -215,8 +273,10 @@ def test_evaluate_stage_diagnostics_are_valid_records(tmp_path):
             seeds=[1, 2], diverged_at=[None, None], probe_index=torch.arange(16), **fields
         )))
     )  # fmt: skip
-    assert list(d.weights) == ["C", "W1", "W2"] and d.init_loss.output_weight == "W2"
-    assert list(d.batchnorm.layers) == ["bn"] and d.batchnorm.loss_running == losses
+    assert list(d.weights) == ["C", W1, w2("batchnorm")]
+    assert d.init_loss.output_weight == w2("batchnorm")
+    assert list(d.batchnorm.layers) == ["layers.1"] and d.batchnorm.loss_running == losses
+    assert d.batchnorm.loss_calibrated is not None
     assert d.layers[0].activations["init"].h.shape == (2, 16, 20)
 
 
@@ -301,7 +361,12 @@ def test_evaluate_stage_fills_the_deep_records():
     assert list(d.weights) == m.weight_names
     bn = d.batchnorm
     assert list(bn.layers) == ["layers.1", "layers.4", "layers.7", "layers.10"]
-    assert bn.loss_calibrated is None and bn.layers["layers.1"].calibrated_mean is None
+    # every BatchNorm is calibrated now, at any depth (the first from emb @ W1)
+    assert set(bn.loss_calibrated) == set(losses)
+    with torch.no_grad():
+        pre = torch.bmm(m.embed(X.expand(2, -1, -1)), m.layers[0].weight)
+    assert_close(bn.layers["layers.1"].calibrated_mean, pre.mean(1), rtol=1e-5, atol=1e-6)
+    assert all(la.calibrated_std is not None for la in bn.layers.values())
     assert_close(bn.layers["layers.1"].running_std, m.layers[1].running_var.sqrt())
     snap = d.snapshots["final"]
     assert (snap.step, snap.threshold) == (11, 0.97)

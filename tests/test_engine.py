@@ -18,12 +18,21 @@ from torch.testing import assert_close
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.data import Vocabulary, build_windows, parse_names, shuffle_split
-from charlm.model import MLP, build_mlp
+from charlm.init import build_mlp
+from charlm.layers import BatchNorm1d
+from charlm.model import MLP
 from reference.lecture import lecture_train
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 2147483647
 VARIANTS = ("naive", "kaiming", "batchnorm")
+# The lecture's names (reference.lecture.lecture_train) -> the MLP's parameter names.
+LECTURE_NAMES = {
+    False: {"C": "C", "W1": "layers.0.weight", "b1": "layers.0.bias",
+            "W2": "layers.2.weight", "b2": "layers.2.bias"},
+    True: {"C": "C", "W1": "layers.0.weight", "W2": "layers.3.weight", "b2": "layers.3.bias",
+           "bngain": "layers.1.gamma", "bnbias": "layers.1.beta"},
+}  # fmt: skip
 # Loss of the canonical seed's first minibatch, before any update (DESIGN.md).
 STEP0_LOSS = {"naive": 27.8817, "kaiming": 3.3179, "batchnorm": 3.3239}
 
@@ -50,14 +59,14 @@ def train_windows(names_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def perturb_(model: MLP, seed: int = 3) -> None:
-    """Move every parameter and buffer off its special init value (b2 = 0, gain = 1,
+    """Move every parameter and buffer off its special init value (b2 = 0, gamma = 1,
     ...), so that a term the backward pass forgets cannot hide behind a 0 or a 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in list(model.parameters()) + list(model.buffers()):
             p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        if model.bn is not None:
-            model.bn.running_std.abs_().add_(0.5)
+        for bn in model.batchnorm_modules.values():
+            bn.running_stat.abs_().add_(0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -135,15 +144,18 @@ def test_train_matches_the_lecture_loop(name, train_windows, monkeypatch):
     # the engine replays autograd's kernels in autograd's order (charlm/engine.py), so
     # the run is bitwise the lecture's: equality, for every variant
     assert torch.equal(result.loss[:, 0], ref_loss)
-    for k in ("C", "W1", "W2", "b2") + (("b1",) if name != "batchnorm" else ()):
-        assert torch.equal(getattr(model, k)[0].detach(), ref[k]), k
+    names = LECTURE_NAMES[name == "batchnorm"]
+    assert {n for n, _ in model.named_parameters()} == set(names.values())  # all compared
+    for k, n in names.items():
+        p = model.get_parameter(n)[0].detach()
+        assert torch.equal(p, ref[k].view(p.shape)), k  # bngain, bnbias: (1, H) there
     if name == "batchnorm":
-        assert torch.equal(model.bn.gain[0].detach(), ref["bngain"][0])
-        assert torch.equal(model.bn.bias[0].detach(), ref["bnbias"][0])
-        assert torch.equal(model.bn.running_mean[0], ref["bnmean_running"][0])
-        assert torch.equal(model.bn.running_std[0], ref["bnstd_running"][0])
+        bn = model.layers[1]
+        assert isinstance(bn, BatchNorm1d) and bn.form == "std"
+        assert torch.equal(bn.running_mean[0], ref["bnmean_running"][0])
+        assert torch.equal(bn.running_std[0], ref["bnstd_running"][0])
     assert result.record_steps.tolist() == [0, 10, 20, 30, 40]
-    assert set(result.update_ratio) == {"C", "W1", "W2"}
+    assert set(result.update_ratio) == {"C", "layers.0.weight", names["W2"]}
     assert all(
         v.shape == (5, 1) and bool(torch.isfinite(v).all()) for v in result.update_ratio.values()
     )
@@ -160,7 +172,10 @@ def test_seed_trains_alike_alone_and_inside_a_batch(name, train_windows):
     loss_batch = engine.train(batch, X, Y, g3, cfg_three).loss[:, 1]
     # every op is per model (charlm/engine.py): bitwise, not just close
     assert torch.equal(loss_batch, loss_alone)
-    assert torch.equal(batch.W1[1], alone.W1[0])
+    for (n, p), q in zip(batch.named_parameters(), alone.parameters(), strict=True):
+        assert torch.equal(p[1], q[0]), n
+    for n, b in batch.named_buffers():
+        assert torch.equal(b[1], alone.get_buffer(n)[0]), n
 
 
 def test_train_reports_divergence():
@@ -170,7 +185,7 @@ def test_train_reports_divergence():
     Y = torch.randint(0, 27, (500,), generator=g)
     model, gens = new_model("naive", [SEED, 1])
     with torch.no_grad():
-        model.W2[1] *= 1e30  # model 1 blows up, model 0 is untouched
+        model.layers[2].weight[1] *= 1e30  # model 1 (W2) blows up, model 0 is untouched
     cfg = TrainConfig(seeds=[SEED, 1], max_steps=20, lr_decay_step=20, lr=1e30)
     result = engine.train(model, X, Y, gens, cfg)
     assert result.diverged_at[1] is not None and 0 <= result.diverged_at[1] < 20

@@ -15,15 +15,23 @@ import torch
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.evaluate import split_loss
-from charlm.model import build_mlp
+from charlm.init import build_mlp
 
+FIRST = {"init": "first_half", "out_bias_scale": 0.0}  # the lecture's first half
 VARIANTS = {
     "naive": VariantConfig(
-        w1_init="normal", w1_scale=1.0, b1_scale=1.0, w2_scale=1.0, b2_scale=1.0
+        init="first_half", weight_scale=1.0, bias_scale=1.0, out_weight_scale=1.0,
+        out_bias_scale=1.0,
     ),
-    "kaiming": VariantConfig(),
-    "batchnorm": VariantConfig(batchnorm=True),
-}
+    "kaiming": VariantConfig(**FIRST),
+    "batchnorm": VariantConfig(**FIRST, batchnorm=True, batchnorm_form="std", momentum=0.001),
+    # the unified network's other corners: deep, 'var' BatchNorm, other nonlinearities
+    "deep_bn": VariantConfig(
+        layers=3, n_hidden=32, batchnorm=True, batchnorm_output=True, gain=1.0
+    ),
+    "sigmoid": VariantConfig(layers=2, n_hidden=32, nonlinearity="sigmoid"),
+    "gelu": VariantConfig(layers=2, n_hidden=32, nonlinearity="gelu", gain=1.0),
+}  # fmt: skip
 V, T = 27, 3
 STEPS = 300  # lr 0.1 for 200 steps, then 0.01
 SEEDS = [11, 2147483647, 5]  # the seed under test sits in the middle of the batch

@@ -291,15 +291,15 @@ def test_own_names_with_another_alphabet_run_through(tmp_path: Path):
     models = tmp_path / "data" / "models" / "mine"
     cfg = TrainConfig(seeds=[3, 4], max_steps=50, lr_decay_step=25, record_every=10,
                       device="cpu")  # fmt: skip
-    summary, _ = train("mine", processed, models, tmp_path / "curve.csv", ModelConfig(),
-                    cfg, VariantConfig())  # fmt: skip
+    summary, _ = train("mine", processed, models, ModelConfig(), cfg, VariantConfig())
     assert summary["diverged_at"] == [None, None]
     checkpoint = torch.load(models / "model.pt")
     assert checkpoint["vocab"] == expected
     assert checkpoint["state_dict"]["C"].shape == (2, len(expected) + 1, 10)
 
     ev = tmp_path / "data" / "eval" / "mine"
-    metrics = evaluate(processed, models, ev, EvaluateConfig(n_samples=5, n_novelty=10))
+    metrics = evaluate(processed, models, ev, EvaluateConfig(n_samples=5, n_novelty=10),
+                       tmp_path / "curve.csv")  # fmt: skip
     assert all(v is not None for v in metrics["canonical"].values())
     samples = json.loads((ev / "samples.json").read_text(encoding="utf-8"))["samples"]
     assert set("".join(w for seed in samples for w in seed)) <= set(expected)

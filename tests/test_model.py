@@ -1,8 +1,9 @@
-"""charlm.model: initial parameters, parameter counts, BatchNorm1d.
+"""charlm.model and charlm.init at depth 1: initial parameters, parameter counts, and
+the 'std' form of charlm.layers.BatchNorm1d (the lecture's first half).
 
-The initial draws are compared bitwise with the lecture's draw sequence written out
-here independently (DESIGN.md, "randomness" and "init"); BatchNorm1d is compared with
-a per-unit loop over ``torch.var_mean``.
+The initial draws of the 'first_half' recipe are compared bitwise with the lecture's
+draw sequence written out here independently (DESIGN.md, "randomness" and "init");
+BatchNorm1d is compared with a per-unit loop over ``torch.var_mean``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,22 @@ import yaml
 from torch.testing import assert_close
 
 from charlm.config import ModelConfig, VariantConfig
-from charlm.model import BatchNorm1d, build_mlp, draw_initial_parameters
+from charlm.init import build_mlp, first_half
+from charlm.layers import BatchNorm1d
+from charlm.model import new_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 2147483647
 VARIANTS = ("naive", "kaiming", "batchnorm")
 V, T, E, H = 27, 3, 10, 200
+# The lecture's names of the one-layer network -> the layer-list MLP's parameter names:
+# Linear 0 -> [BatchNorm1d 1] -> Tanh -> output Linear (layer 2, or 3 after a BatchNorm).
+LECTURE_NAMES = {
+    False: {"C": "C", "W1": "layers.0.weight", "b1": "layers.0.bias",
+            "W2": "layers.2.weight", "b2": "layers.2.bias"},
+    True: {"C": "C", "W1": "layers.0.weight", "W2": "layers.3.weight", "b2": "layers.3.bias",
+           "bngain": "layers.1.gamma", "bnbias": "layers.1.beta"},
+}  # fmt: skip
 
 
 def variant_config(name: str) -> VariantConfig:
@@ -70,12 +81,19 @@ def reference_draw(name: str, seed: int = SEED) -> tuple[dict[str, torch.Tensor]
 def test_initial_parameters_match_reference_draws_bitwise(name):
     cfg = variant_config(name)
     ref, ref_g = reference_draw(name)
+    assert cfg.init == "first_half"
     g = torch.Generator().manual_seed(SEED)
-    drawn = draw_initial_parameters(model_config(), cfg, V, T, g)
-    assert list(drawn) == list(ref)
+    drawn = first_half(new_model(model_config(), cfg, V, T, 1), cfg, g)
+    names = LECTURE_NAMES[cfg.batchnorm]
+    # drawn in the lecture's order; then BatchNorm's gamma 1 and beta 0, not drawn
+    assert list(drawn)[: len(ref)] == [names[k] for k in ref]
     for k in ref:
-        assert drawn[k].dtype == torch.float32
-        assert torch.equal(drawn[k], ref[k]), f"{name}: {k} differs from the reference draw"
+        assert drawn[names[k]].dtype == torch.float32
+        assert torch.equal(drawn[names[k]], ref[k]), f"{name}: {k} differs from the reference draw"
+    if cfg.batchnorm:
+        assert torch.equal(drawn["layers.1.gamma"], torch.ones(H))
+        assert torch.equal(drawn["layers.1.beta"], torch.zeros(H))
+    assert len(drawn) == len(names)
     # the generator is left exactly where the lecture starts drawing minibatches
     assert torch.equal(
         torch.randint(0, 1000, (32,), generator=g), torch.randint(0, 1000, (32,), generator=ref_g)
@@ -87,24 +105,33 @@ def test_build_mlp_stacks_one_generator_per_model(name):
     seeds = [SEED, 1, 2]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     model = build_mlp(model_config(), variant_config(name), V, T, gens)
-    assert model.n_models == 3
+    assert model.n_models == 3 and model.depth == 1
+    names = LECTURE_NAMES[name == "batchnorm"]
     for s, seed in enumerate(seeds):
         ref, ref_g = reference_draw(name, seed)
         for k, v in ref.items():
-            assert torch.equal(getattr(model, k)[s], v), f"{name}: model {s} {k}"
+            assert torch.equal(model.get_parameter(names[k])[s], v), f"{name}: model {s} {k}"
         assert torch.equal(
             torch.randint(0, 1000, (32,), generator=gens[s]),
             torch.randint(0, 1000, (32,), generator=ref_g),
         )
     if name == "batchnorm":
-        assert model.b1 is None
-        assert torch.equal(model.bn.gain, torch.ones(3, H))
-        assert torch.equal(model.bn.bias, torch.zeros(3, H))
-        assert torch.equal(model.bn.running_mean, torch.zeros(3, H))
-        assert torch.equal(model.bn.running_std, torch.ones(3, H))
-        assert model.bn.momentum == 0.001
+        assert model.layers[0].bias is None  # no b1: BatchNorm's beta is the bias
+        assert list(model.batchnorm_modules) == ["layers.1"]
+        bn = model.layers[1]
+        assert isinstance(bn, BatchNorm1d) and bn.form == "std"
+        assert torch.equal(bn.gamma, torch.ones(3, H))
+        assert torch.equal(bn.beta, torch.zeros(3, H))
+        assert torch.equal(bn.running_mean, torch.zeros(3, H))
+        assert torch.equal(bn.running_std, torch.ones(3, H))
+        assert bn.running_stat is bn.running_std
+        assert bn.momentum == 0.001
+        assert model.hidden_indices == [2]
     else:
-        assert model.bn is None
+        assert model.batchnorm_modules == {}
+        assert model.hidden_indices == [1]
+    assert model.weight_names == ["C", "layers.0.weight", names["W2"]]
+    assert [model.weight_label(w) for w in model.weight_names] == ["C", "W1", "W2"]
 
 
 @pytest.mark.parametrize(
@@ -112,16 +139,19 @@ def test_build_mlp_stacks_one_generator_per_model(name):
     [
         ("naive", 11_897, ["C", "W1", "b1", "W2", "b2"]),
         ("kaiming", 11_897, ["C", "W1", "b1", "W2", "b2"]),
-        ("batchnorm", 12_097, ["C", "W1", "W2", "b2", "bn.gain", "bn.bias"]),
+        ("batchnorm", 12_097, ["C", "W1", "bngain", "bnbias", "W2", "b2"]),
     ],
 )
 def test_parameter_counts(name, count, names):
     gens = [torch.Generator().manual_seed(SEED)]
     model = build_mlp(model_config(), variant_config(name), V, T, gens)
     assert sum(p.numel() for p in model.parameters()) == count
-    assert [n for n, _ in model.named_parameters()] == names
+    lecture = LECTURE_NAMES[name == "batchnorm"]
+    assert [n for n, _ in model.named_parameters()] == [lecture[n] for n in names]
     # running statistics are buffers, never trained
-    expected_buffers = ["bn.running_mean", "bn.running_std"] if name == "batchnorm" else []
+    expected_buffers = (
+        ["layers.1.running_mean", "layers.1.running_std"] if name == "batchnorm" else []
+    )
     assert [n for n, _ in model.named_buffers()] == expected_buffers
 
 
@@ -137,8 +167,10 @@ def test_forward_contract_shapes_and_loss():
     # independent: the lecture's single-model forward, one model at a time
     for s in range(2):
         emb = model.C[s][idx[s]]  # (B, T, E)
-        h = torch.tanh(emb.view(5, -1) @ model.W1[s] + model.b1[s])
-        ref_logits = h @ model.W2[s] + model.b2[s]
+        W1, b1 = model.layers[0].weight[s], model.layers[0].bias[s]
+        W2, b2 = model.layers[2].weight[s], model.layers[2].bias[s]
+        h = torch.tanh(emb.view(5, -1) @ W1 + b1)
+        ref_logits = h @ W2 + b2
         assert_close(logits[s], ref_logits, rtol=1e-5, atol=1e-6)
         ref_loss = torch.nn.functional.cross_entropy(ref_logits, targets[s])
         assert_close(loss[s], ref_loss, rtol=1e-5, atol=1e-6)
@@ -151,7 +183,7 @@ def test_forward_contract_shapes_and_loss():
 BN_TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
-def bn_reference_train(x, gain, bias, running_mean, running_std, momentum):
+def bn_reference_train(x, gamma, beta, running_mean, running_std, momentum):
     """Per-unit loop: unbiased std (correction=1), PyTorch's momentum convention."""
     S, _, Hd = x.shape
     out = torch.empty_like(x, dtype=torch.float64)
@@ -161,7 +193,7 @@ def bn_reference_train(x, gain, bias, running_mean, running_std, momentum):
             col = x[s, :, j].double()
             var, mean = torch.var_mean(col, correction=1)
             std = var.sqrt()
-            out[s, :, j] = gain[s, j].double() * (col - mean) / std + bias[s, j].double()
+            out[s, :, j] = gamma[s, j].double() * (col - mean) / std + beta[s, j].double()
             rm[s, j] = (1 - momentum) * rm[s, j] + momentum * mean
             rs[s, j] = (1 - momentum) * rs[s, j] + momentum * std
     return out, rm, rs
@@ -171,23 +203,26 @@ def random_bn(
     S: int, Hd: int, momentum: float, seed: int = 0
 ) -> tuple[BatchNorm1d, torch.Generator]:
     g = torch.Generator().manual_seed(seed)
-    bn = BatchNorm1d(S, Hd, momentum)
-    with torch.no_grad():  # non-trivial gain, bias and running statistics
-        bn.gain.copy_(1 + 0.5 * torch.randn(S, Hd, generator=g))
-        bn.bias.copy_(torch.randn(S, Hd, generator=g))
+    bn = BatchNorm1d(S, Hd, form="std", momentum=momentum)
+    with torch.no_grad():  # non-trivial gamma, beta and running statistics
+        bn.gamma.copy_(1 + 0.5 * torch.randn(S, Hd, generator=g))
+        bn.beta.copy_(torch.randn(S, Hd, generator=g))
         bn.running_mean.copy_(torch.randn(S, Hd, generator=g))
         bn.running_std.copy_(0.5 + torch.rand(S, Hd, generator=g))
     return bn, g
 
 
-def test_batchnorm_starts_at_identity_statistics():
-    bn = BatchNorm1d(2, 4)
-    assert bn.momentum == 0.001
-    assert [n for n, _ in bn.named_parameters()] == ["gain", "bias"]
-    assert [n for n, _ in bn.named_buffers()] == ["running_mean", "running_std"]
-    assert torch.equal(bn.gain, torch.ones(2, 4)) and torch.equal(bn.bias, torch.zeros(2, 4))
+@pytest.mark.parametrize("form", ["std", "var"])
+def test_batchnorm_starts_at_identity_statistics(form):
+    bn = BatchNorm1d(2, 4, form=form)
+    assert bn.momentum == 0.1 and bn.eps == 1e-5  # PyTorch's defaults
+    assert [n for n, _ in bn.named_parameters()] == ["gamma", "beta"]
+    assert [n for n, _ in bn.named_buffers()] == ["running_mean", f"running_{form}"]
+    assert torch.equal(bn.gamma, torch.ones(2, 4)) and torch.equal(bn.beta, torch.zeros(2, 4))
     assert torch.equal(bn.running_mean, torch.zeros(2, 4))
-    assert torch.equal(bn.running_std, torch.ones(2, 4))
+    assert torch.equal(bn.running_stat, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="form"):
+        BatchNorm1d(2, 4, form="biased")
 
 
 @pytest.mark.parametrize("momentum", [0.001, 0.1, 1.0])
@@ -198,14 +233,14 @@ def test_batchnorm_train_mode_against_per_unit_loop(momentum):
     rm, rs = bn.running_mean.clone(), bn.running_std.clone()
     for _ in range(3):  # the running update compounds over steps
         x = 3 * torch.randn(S, B, Hd, generator=g) + 2
-        ref, rm, rs = bn_reference_train(x, bn.gain, bn.bias, rm, rs, momentum)
+        ref, rm, rs = bn_reference_train(x, bn.gamma, bn.beta, rm, rs, momentum)
         out = bn(x)
         assert out.shape == (S, B, Hd)
         assert_close(out.double(), ref, **BN_TOL)
         assert_close(bn.running_mean.double(), rm, **BN_TOL)
         assert_close(bn.running_std.double(), rs, **BN_TOL)
-    # with gain 1 and bias 0 the output has per-unit mean 0 and unbiased std 1
-    unit = BatchNorm1d(S, Hd, momentum)
+    # with gamma 1 and beta 0 the output has per-unit mean 0 and unbiased std 1
+    unit = BatchNorm1d(S, Hd, form="std", momentum=momentum)
     y = unit(3 * torch.randn(S, B, Hd, generator=g) + 2)
     assert_close(y.mean(1), torch.zeros(S, Hd), rtol=0, atol=1e-5)
     assert_close(y.std(1), torch.ones(S, Hd), rtol=0, atol=1e-5)
@@ -213,7 +248,7 @@ def test_batchnorm_train_mode_against_per_unit_loop(momentum):
 
 def test_batchnorm_running_update_by_hand():
     """momentum 0.001 from (0, 1): running = 0.999 * running + 0.001 * batch."""
-    bn = BatchNorm1d(1, 1, momentum=0.001)
+    bn = BatchNorm1d(1, 1, form="std", momentum=0.001)
     x = torch.tensor([[[1.0], [2.0], [3.0], [6.0]]])  # mean 3, unbiased var 14/3
     bn(x)
     assert_close(bn.running_mean, torch.tensor([[0.003]]), rtol=1e-6, atol=0)
@@ -233,10 +268,44 @@ def test_batchnorm_eval_mode_uses_running_statistics_and_keeps_them():
     for s in range(S):
         for j in range(Hd):
             ref[s, :, j] = (
-                bn.gain[s, j].double() * (x[s, :, j].double() - rm[s, j].double()) / rs[s, j]
-                + bn.bias[s, j]
+                bn.gamma[s, j].double() * (x[s, :, j].double() - rm[s, j].double()) / rs[s, j]
+                + bn.beta[s, j]
             )
     assert_close(out.double(), ref, **BN_TOL)
     assert torch.equal(bn.running_mean, rm) and torch.equal(bn.running_std, rs)
     # one example at a time gives the same as the batch (no batch statistics in eval)
     assert_close(bn(x[:, :1]), out[:, :1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.001])
+def test_var_form_train_mode_against_per_unit_loop(momentum):
+    """The second half's form: (x - mean) / sqrt(var + eps) with the unbiased variance,
+    a running variance (not std), eps inside the square root."""
+    S, B, Hd, eps = 2, 16, 5, 1e-3
+    g = torch.Generator().manual_seed(4)
+    bn = BatchNorm1d(S, Hd, form="var", momentum=momentum, eps=eps)
+    with torch.no_grad():
+        bn.gamma.copy_(1 + 0.5 * torch.randn(S, Hd, generator=g))
+        bn.beta.copy_(torch.randn(S, Hd, generator=g))
+    rm, rv = bn.running_mean.double().clone(), bn.running_var.double().clone()
+    for _ in range(3):
+        x = 3 * torch.randn(S, B, Hd, generator=g) + 2
+        out = bn(x)
+        ref = torch.empty(S, B, Hd, dtype=torch.float64)
+        for s in range(S):
+            for j in range(Hd):
+                col = x[s, :, j].double()
+                var, mean = torch.var_mean(col, correction=1)
+                ref[s, :, j] = bn.gamma[s, j].double() * (col - mean) / (var + eps).sqrt()
+                ref[s, :, j] += bn.beta[s, j].double()
+                rm[s, j] = (1 - momentum) * rm[s, j] + momentum * mean
+                rv[s, j] = (1 - momentum) * rv[s, j] + momentum * var
+        assert_close(out.double(), ref, **BN_TOL)
+        assert_close(bn.running_mean.double(), rm, **BN_TOL)
+        assert_close(bn.running_var.double(), rv, **BN_TOL)
+    bn.eval()  # eval: the running variance, eps included
+    x = torch.randn(S, 3, Hd, generator=g)
+    expect = bn.gamma.unsqueeze(1) * (
+        (x - bn.running_mean.unsqueeze(1)) / torch.sqrt(bn.running_var.unsqueeze(1) + eps)
+    ) + bn.beta.unsqueeze(1)
+    assert torch.equal(bn(x), expect)

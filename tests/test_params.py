@@ -250,8 +250,13 @@ ERRORS = [
      r"key 'model\.n_hidden' = -5: Input should be greater than or equal to 1"),
     ("train.seeds", "seeds: [1, 2, 1]",
      r"key 'train\.seeds' = \[1, 2, 1\]: seeds must be distinct"),
-    ("variants.kaiming.w2_scale", "w2_scale: -0.01",
-     r"key 'variants\.kaiming\.w2_scale' = -0\.01: Input should be greater than or equal to 0"),
+    ("variants.kaiming.out_weight_scale", "out_weight_scale: -0.01",
+     r"key 'variants\.kaiming\.out_weight_scale' = -0\.01: Input should be greater than or "
+     r"equal to 0"),
+    # keys removed by the unified schema are unknown now
+    ("variants.kaiming.bias_scale", "b1_scale: 0.01",
+     r"unknown key 'variants\.kaiming\.b1_scale'"),
+    ("variants.deep_bn.layers", "deep: true", r"unknown key 'variants\.deep_bn\.deep'"),
     ("data.sha256", "sha256: 0a30b5",
      r"key 'data\.sha256' = '0a30b5': sha256 must be 64 hexadecimal digits"),
     ("train.record_every", "record_every: 0",
@@ -266,11 +271,38 @@ def test_error_names_file_line_and_key(tmp_path, key, new, pattern):
     assert re.search(re.escape(f"{path}:{line}: ") + f"(?:{pattern})", msg), msg
 
 
-def test_key_a_variant_would_ignore(tmp_path):
-    path, line = edit(tmp_path, "variants.batchnorm.batchnorm", "batchnorm: true\nb1_scale: 0.5")
+# (variant, key after which to add a line, the added line, its key, words of the message)
+IGNORED = [
+    ("batchnorm", "batchnorm", "bias_scale: 0.5", "bias_scale", "before BatchNorm have no bias"),
+    ("batchnorm", "batchnorm_form", "eps: 0.001", "eps", "the 'std' form has no eps"),
+    ("kaiming", "out_bias_scale", "last_scale: 0.2", "last_scale", "init: second_half only"),
+    ("deep_tanh", "n_hidden", "out_weight_scale: 0.1", "out_weight_scale",
+     "init: first_half only"),
+    ("deep_tanh", "n_hidden", "momentum: 0.1", "momentum", "used only with BatchNorm"),
+    ("naive", "weight_scale", "gain: 1.0", "gain", "weight_scale sets the hidden weights"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("variant", "after", "new", "key", "words"), IGNORED,
+                         ids=[f"{e[0]}-{e[3]}" for e in IGNORED])  # fmt: skip
+def test_key_a_variant_would_ignore(tmp_path, variant, after, new, key, words):
+    """A key that the variant's recipe, BatchNorm form or architecture would not read is
+    an error on its own line, not silently dropped."""
+    lines = BASE.splitlines()
+    i = line_of_key(BASE, f"variants.{variant}.{after}")
+    path, line = edit(tmp_path, f"variants.{variant}.{after}", f"{lines[i].strip()}\n{new}")
     msg = error_of(path)
-    assert f"{path}:{line + 1}: key 'variants.batchnorm.b1_scale' = 0.5: " in msg
-    assert "a BatchNorm variant has no b1" in msg
+    value = new.split(": ")[1]
+    assert f"{path}:{line + 1}: key 'variants.{variant}.{key}' = {value}: " in msg, msg
+    assert words in msg, msg
+
+
+def test_gelu_needs_a_gain(tmp_path):
+    """gelu has no calculate_gain entry: gain null is an error naming gain."""
+    path, line = edit(tmp_path, "variants.deep_tanh.gain", "gain: null\nnonlinearity: gelu")
+    msg = error_of(path)
+    assert f"{path}:{line}: key 'variants.deep_tanh.gain'" in msg, msg
+    assert "gelu has no torch.nn.init.calculate_gain entry" in msg
 
 
 def test_every_error_is_listed(tmp_path):
@@ -432,8 +464,8 @@ def test_stage_prints_the_warning_then_works(tmp_path):
     its missing input, as it would have without the warning)."""
     path, line = edit(tmp_path, "variants.batchnorm.momentum", "momentum: 0.999")
     proc = run([sys.executable, "-m", "pipeline.stages.train", "--params", str(path), "--variant",
-                "batchnorm", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m"),
-                "--curve", str(tmp_path / "c.csv")], cwd=ROOT, check=False)  # fmt: skip
+                "batchnorm", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m")],
+               cwd=ROOT, check=False)  # fmt: skip
     assert proc.stderr.startswith(f"warning: {path}:{line}: key 'variants.batchnorm.momentum': ")
     assert proc.returncode == 1 and "error: [Errno 2] No such file" in proc.stderr
 

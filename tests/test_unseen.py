@@ -65,13 +65,21 @@ def test_unseen_loss_is_the_loss_on_hand_filtered_windows(lecture_split: Path, t
     train_cfg = TrainConfig(
         seeds=[2147483647, 5], max_steps=200, lr_decay_step=100, record_every=50
     )
-    variant = VariantConfig(batchnorm=True)
+    # params.yaml's batchnorm variant: the first half's 'std' form, momentum 0.001
+    variant = VariantConfig(
+        init="first_half", batchnorm=True, batchnorm_form="std", momentum=0.001,
+        out_weight_scale=0.01, out_bias_scale=0.0,
+    )  # fmt: skip
     models = tmp_path / "model"
-    train_stage.train(
-        "batchnorm", lecture_split, models, tmp_path / "c.csv", ModelConfig(), train_cfg, variant
-    )
+    train_stage.train("batchnorm", lecture_split, models, ModelConfig(), train_cfg, variant)
     cfg = EvaluateConfig(n_samples=1, n_novelty=0, curve_window=50)
-    metrics = evaluate_stage.evaluate(lecture_split, models, tmp_path / "eval", cfg)
+    metrics = evaluate_stage.evaluate(
+        lecture_split, models, tmp_path / "eval", cfg, tmp_path / "c.csv"
+    )
+    # evaluate writes the DVC-plot curve: a header and one row per 50-step window
+    rows = (tmp_path / "c.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "step,log10_loss"
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "50", "100", "150"]
 
     words = json.loads((lecture_split / "words.json").read_text(encoding="utf-8"))
     chars = json.loads((lecture_split / "vocab.json").read_text(encoding="utf-8"))["chars"]
