@@ -56,6 +56,7 @@ class LinearOp:
         self.dx = new(S, B, W.shape[1])
         self._dout: torch.Tensor | None = None  # the last dout and its unpadded view
         self._d: torch.Tensor | None = None
+        self._dc: torch.Tensor | None = None
 
     def forward(self) -> torch.Tensor:
         torch.bmm(self.x, self.W, out=self.out)
@@ -66,10 +67,16 @@ class LinearOp:
     def backward(self, dout: torch.Tensor) -> torch.Tensor:
         torch.bmm(self.xT, dout, out=self.gW)
         if dout is not self._dout:  # the same buffer every step: slice it once
+            padded = dout.shape[2] != self.N
             self._dout, self._d = dout, dout[:, :, : self.N]
+            self._dc = torch.empty_like(self._d) if padded else None
         d = self._d
         if self.gb is not None:  # (over)writes the folded row: autograd's summation order
             torch.sum(d, 1, out=self.gb)
+        if self._dc is not None:
+            # contiguous, as autograd's grad is: on the strided view MKL picks another
+            # kernel when the fan-in is <= 11 and rounds 1 ulp differently
+            d = self._dc.copy_(d)
         return torch.bmm(d, self.WT, out=self.dx)
 
 

@@ -297,14 +297,6 @@ def test_key_a_variant_would_ignore(tmp_path, variant, after, new, key, words):
     assert words in msg, msg
 
 
-def test_gelu_needs_a_gain(tmp_path):
-    """gelu has no calculate_gain entry: gain null is an error naming gain."""
-    path, line = edit(tmp_path, "variants.deep_tanh.gain", "gain: null\nnonlinearity: gelu")
-    msg = error_of(path)
-    assert f"{path}:{line}: key 'variants.deep_tanh.gain'" in msg, msg
-    assert "gelu has no torch.nn.init.calculate_gain entry" in msg
-
-
 def test_every_error_is_listed(tmp_path):
     path = tmp_path / "params.yaml"
     text = BASE.replace("  lr: 0.1", "  lr: -1").replace("  n_embd: 10", "  n_emdb: 10")
