@@ -10,7 +10,8 @@ caller writes its outputs once, at the end (``pipeline.outputs.atomic_path``).
 Where the cells run is set by the environment variable CHARLM_SCHEDULER:
 - unset or empty: an embedded cluster, started and stopped by ``run_cells``: one worker
   process per usable CPU (``charlm.cpus.available_cpus``), one thread each, scheduler and
-  workers listening on 127.0.0.1 only, no dashboard;
+  workers on 127.0.0.1 only, no dashboard, throwaway TLS credentials (so other users of
+  the machine cannot send it code);
 - ``tcp://host:8786`` or ``tls://host:8786``: the scheduler of a cluster started by hand
   or by a batch system (docs/cluster.md). TLS certificates come from Dask's own
   configuration (``distributed.comm.tls.*``, e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE).
@@ -37,18 +38,26 @@ CLOSE_TIMEOUT = 3.0  # seconds the client and the embedded cluster get to shut d
 # The embedded workers' environment: Dask's default sets MALLOC_TRIM_THRESHOLD_, which
 # turns off glibc's adaptive mmap threshold, so every large torch tensor is a fresh mmap
 # and its pages fault in again: training cells ran 2.1x slower here. OMP_NUM_THREADS=1
-# and the other defaults stay.
-EMBEDDED_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+# and the other defaults stay. No HTTP routes (metrics, JSON state) either.
+EMBEDDED_CONFIG = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.scheduler.http.routes": [],
+    "distributed.worker.http.routes": [],
+}
+TLS_HINT = (
+    "distributed.comm.tls.ca-file, .client.cert and .client.key in Dask's configuration "
+    "(DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._CLIENT__CERT, ..._CLIENT__KEY)"
+)
 
 
 class SchedulerUnreachable(RuntimeError):
-    """No Dask scheduler answered at ``address`` within the connect timeout."""
+    """The Dask scheduler at ``address`` cannot be used: it did not answer within the
+    connect timeout, or (tls://) this side has no TLS certificate configured."""
 
-    def __init__(self, address: str, timeout: float, cause: BaseException):
+    def __init__(self, address: str, reason: str):
         super().__init__(
-            f"no Dask scheduler answered at {address} within {timeout:g} s "
-            f"({type(cause).__name__}: {cause}); start one (docs/cluster.md), or unset "
-            f"{SCHEDULER_ENV} to run the cells on this machine"
+            f"no Dask scheduler reachable at {address}: {reason}; see docs/cluster.md, or "
+            f"unset {SCHEDULER_ENV} to run the cells on this machine"
         )
         self.address = address
 
@@ -107,15 +116,17 @@ def _client(address: str | None, timeout: float) -> Iterator[Any]:
     closed on the way out, the embedded cluster too (its workers killed when an
     exception, KeyboardInterrupt included, is on its way)."""
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, Security
 
     from charlm.cpus import available_cpus
 
     if address is not None:
+        if address.startswith("tls://") and not Security().tls_client_cert:
+            raise SchedulerUnreachable(address, f"no client certificate: set {TLS_HINT}")
         try:
-            client = Client(address, timeout=timeout)
+            client = Client(address, timeout=timeout)  # security: Dask's configuration
         except (OSError, TimeoutError) as e:
-            raise SchedulerUnreachable(address, timeout, e) from e
+            raise SchedulerUnreachable(address, f"no answer within {timeout:g} s ({e})") from e
         try:
             yield client
         finally:
@@ -131,6 +142,7 @@ def _client(address: str | None, timeout: float) -> Iterator[Any]:
                 host="127.0.0.1",
                 dashboard_address=None,
                 silence_logs=logging.ERROR,
+                security=True,
             )
         try:
             client = Client(cluster, timeout=timeout)
