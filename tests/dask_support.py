@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 
@@ -46,14 +45,6 @@ def sleepy_cell(cell: dict[str, Any]) -> int:
         Path(cell["started"], str(cell["seed"])).touch()
     time.sleep(cell["seconds"])
     return cell["seed"]
-
-
-def listening(cell: Any) -> list[str]:
-    """IP addresses on which this worker process and its parent (the Nanny; in an
-    embedded cluster, the process that also runs the scheduler) listen for TCP."""
-    me = psutil.Process()
-    conns = [c for p in (me, me.parent()) for c in p.net_connections(kind="inet")]
-    return sorted({c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN})
 
 
 def task_states(dask_scheduler: Any) -> dict[str, int]:
