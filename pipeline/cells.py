@@ -66,15 +66,16 @@ def call_cell(fn: Callable[[Any], Any], cell: Any) -> tuple[Any, dict[str, Any]]
     """Call ``fn(cell)`` with torch on one intra-op thread; the task every worker runs.
 
     Returns ``(result, where)``, ``where`` being {"worker": the Dask worker's address
-    (None outside a worker), "seconds": fn's wall time}. torch's thread count is restored
-    afterwards. Exceptions of ``fn`` propagate unchanged.
+    (None outside a worker), "seconds": fn's wall time, "cpu_seconds": its CPU time in
+    this thread (below "seconds" when other load shares the cores)}. torch's thread count
+    is restored afterwards. Exceptions of ``fn`` propagate unchanged.
     """
     import torch
     from distributed import get_worker
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     try:
         result = fn(cell)
     finally:
@@ -84,7 +85,8 @@ def call_cell(fn: Callable[[Any], Any], cell: Any) -> tuple[Any, dict[str, Any]]
         worker = get_worker().address
     except ValueError:  # called directly, not in a Dask worker
         worker = None
-    return result, {"worker": worker, "seconds": round(time.perf_counter() - start, 3)}
+    seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
+    return result, {"worker": worker, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3)}
 
 
 def _restore_environ(saved: dict[str, str]) -> None:
@@ -184,7 +186,8 @@ def run_cells(
         ``(results, record)``: results as {cell id: fn(cell)} in the order of ``cells``
         (not of completion), the same wherever they ran; the record {"scheduler",
         "embedded", "workers", "worker_addresses", "nthreads", "cells", "seconds",
-        "cell_workers", "cell_seconds", "dask"}, JSON-serialisable, for the run record.
+        "cell_workers", "cell_seconds", "cell_cpu_seconds", "dask"} (JSON) for the run
+        record: "workers" as the cells finished, "cell_workers" where each one ran.
 
     A worker lost mid-run (killed, its machine gone) costs only time: the scheduler
     reruns its cells elsewhere (up to ``distributed.scheduler.allowed-failures`` = 3
@@ -211,9 +214,7 @@ def run_cells(
     address = scheduler.strip() or None
     start = time.perf_counter()
     with _client(address, connect_timeout) as client:
-        info = client.scheduler_info()
-        workers = info["workers"]
-        if not workers:
+        if not client.scheduler_info()["workers"]:
             print(f"{desc}: no Dask worker yet at {address}; waiting for one", file=sys.stderr)
         futures = {
             client.submit(call_cell, fn, cell, key=f"{desc}-{cid}-{tokenize(fn, cell)}"): cid
@@ -227,8 +228,11 @@ def run_cells(
                     future.release()  # free the worker's copy
                     bar.update()
         except BaseException:
-            client.cancel(list(futures), force=True)
+            with contextlib.suppress(Exception):  # closing the client cancels them too
+                client.cancel(list(futures), force=True)
             raise
+        info = client.scheduler_info()  # the workers at the end (an adaptive cluster's too)
+        workers = info["workers"]
     results = {cid: done[cid][0] for cid in cells}
     where = {cid: done[cid][1] for cid in cells}
     record = {
@@ -241,6 +245,7 @@ def run_cells(
         "seconds": round(time.perf_counter() - start, 3),
         "cell_workers": {cid: w["worker"] for cid, w in where.items()},
         "cell_seconds": {cid: w["seconds"] for cid, w in where.items()},
+        "cell_cpu_seconds": {cid: w["cpu_seconds"] for cid, w in where.items()},
         "dask": dask.__version__,
     }
     return results, record
