@@ -162,6 +162,7 @@ def listeners() -> Iterator[set[str]]:
         sampler.join()
 
 
+@pytest.mark.slow
 def test_embedded_equals_cluster_equals_direct(tcp_cluster, monkeypatch):
     """The same cells give the same bytes embedded, via $CHARLM_SCHEDULER, and directly."""
     monkeypatch.delenv(cells_mod.SCHEDULER_ENV, raising=False)
@@ -191,6 +192,7 @@ def test_cell_error_propagates(tcp_cluster):
         run_cells(failing_cell, cells, desc="fail", scheduler=tcp_cluster, progress=False)
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run(tcp_cluster):
     """SIGKILL a busy worker after the first result: its cells rerun, same results."""
     cells = {f"s{s}": {"seed": s, "gain": 1.0, "size": 256, "steps": 60} for s in range(6)}
@@ -280,6 +282,7 @@ def _certificates(tmp: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_tls_cluster(tmp_path):
     """Cells over tls://, the client's certificates from Dask's configuration."""
     ca, cert, key = _certificates(tmp_path)
@@ -317,6 +320,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_promptly(tmp_path):
     """SIGINT to run_cells while cells run: exit within 15 s with KeyboardInterrupt and
     no worker left. Only the parent gets the signal (a terminal's Ctrl-C reaches the
