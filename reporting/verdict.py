@@ -29,8 +29,6 @@ from reporting.stats import (
 FULL_STEPS = 200_000  # the lecture's run
 FULL_DECAY = 150_000  # its deep network's lr decay step (lr 0.1, then 0.01)
 
-__all__ = ["paired_by_seed", "train_of"]  # re-exported: callers used them from here
-
 
 def deep_variants(inputs: Inputs) -> list[str]:
     """The variants (params order) with more than one hidden layer (the lecture's
