@@ -182,10 +182,14 @@ def compared_knob(inputs: Inputs, a: str, b: str) -> str:
     """What a comparison of ``a`` and ``b`` measures, in words: the knob they differ in
     (or 'init / training'), and a warning when they trained differently."""
     knobs = differing(inputs, a, b) or ["init / training"]
-    same = train_of(inputs, a).model_dump(exclude={"seeds"}) == train_of(inputs, b).model_dump(
-        exclude={"seeds"}
-    )
-    return ", ".join(knobs) + ("" if same else " (and trained differently)")
+    return ", ".join(knobs) + ("" if same_training(inputs, a, b) else " (and trained differently)")
+
+
+def same_training(inputs: Inputs, a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` trained alike: the same ``train_of`` but for the seeds
+    (which pair by value) and the same learning-rate scale."""
+    ta, tb = (train_of(inputs, v).model_dump(exclude={"seeds"}) for v in (a, b))
+    return ta == tb and variant(inputs, a).lr_scale == variant(inputs, b).lr_scale
 
 
 def train_of(inputs: Inputs, v: str):
@@ -272,8 +276,7 @@ def summary_paragraph(inputs: Inputs) -> str:
     vs = [
         v
         for v in inputs.variants
-        if v == first
-        or (comparable(inputs, first, v) and "differently" not in compared_knob(inputs, first, v))
+        if v == first or (comparable(inputs, first, v) and same_training(inputs, first, v))
     ]
     n_seeds = max(len(inputs.metrics[v]["seeds"]) for v in vs)
     means = {v: mean_std(inputs.metrics[v]["per_seed"]["val"]) for v in vs}

@@ -502,6 +502,8 @@ def test_no_verdict_when_the_deep_variants_trained_differently():
     assert "no verdict: deep_bn and deep_tanh trained differently" in text
     assert "deep_bn: 1,001 steps" in text and "deep_tanh: 2,000 steps" in text
     assert "beats" not in text
+    # the paired table keeps the pair but says so
+    assert rs.compared_knob(inputs, "deep_bn", "deep_tanh") == "BatchNorm (and trained differently)"
 
 
 # ---- params.yaml in every number spelling the stages accept ----------------------------------
