@@ -432,11 +432,10 @@ def test_null_gains_read_as_calculate_gain():
 
     config = make_params({"data": PARAMS["data"], "variants": {
         "a": {"gain": None}, "b": {"gain": None, "nonlinearity": "relu"}, "c": {"gain": 2.0},
-        "d": {"init": "first_half", "weight_scale": 1.0, "nonlinearity": "gelu"}}})  # fmt: skip
+    }})  # fmt: skip
     flat = flat_params(config)
     assert flat["variants.a.gain"] == 5 / 3 and flat["variants.b.gain"] == math.sqrt(2)
     assert flat["variants.c.gain"] == 2.0
-    assert flat["variants.d.gain"] is None  # gelu, gain unused (weight_scale): no value
     assert "train.lr" not in flat  # the keys the file gives, typed (not every default)
 
 
