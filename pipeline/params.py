@@ -195,6 +195,18 @@ def _integral(v: Any) -> Any:
     return v
 
 
+def parse(raw: Any) -> Params:
+    """Validate a params mapping as read from a file (``dvc.api.params_show`` gives one
+    of another revision) the way the stages do: integral floats as ints, then the
+    schema (``charlm.config.Params``). The file-level checks of ``validate`` (every key
+    spelled out, addressable variant names, line numbers) need the file.
+
+    Raises:
+        pydantic.ValidationError: ``raw`` does not validate.
+    """
+    return Params.model_validate(_integral(raw))
+
+
 def _read(path: Path) -> tuple[Any, Any]:
     """The file's values exactly as DVC reads them, and ruamel's round-trip tree of it
     (for line numbers)."""
@@ -312,7 +324,7 @@ def _check(path: str | Path) -> tuple[Params, list[tuple[str, str]]]:
     raw, root = _read(path)  # messages quote the values as DVC reads them
     missing = _missing(path, raw, root) + _names(path, raw, root)
     try:
-        params = Params.model_validate(_integral(raw))
+        params = parse(raw)
     except ValidationError as e:
         lines = list(missing)
         for err in e.errors():

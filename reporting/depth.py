@@ -1,10 +1,11 @@
-"""Per-layer figures and tables of the deep variants, as makemore part 3 draws them.
+"""Per-layer figures and tables of every variant, as makemore part 3 draws them.
 
 The lecture's "diagnostic tools" (second half of makemore part 3): after a training step
 it plots, as histogram lines, the output of every hidden nonlinearity (legend
-"layer i (tanh)"), the gradient at those outputs and the gradient of every weight
-matrix, and the log10 update:data ratio of each weight matrix over training with a
-black guide line at -3. Here the same, from ``Diagnostics.snapshots`` ('snapshot': the
+"layer i (tanh)", hidden layers numbered 1..L here), the gradient at those outputs and
+the gradient of every weight matrix (C, W1, W2, ...), and the log10 update:data ratio
+of each weight matrix over training with a black guide line at -3. Every variant, of
+any depth, has these records. Here the same, from ``Diagnostics.snapshots`` ('snapshot': the
 lecture's step 1,000; 'final': the last step) and ``Diagnostics.weights[..].update_ratio``:
 figures show one seed (the canonical one, or the first that did not diverge), tables
 give mean ± sd across seeds. Figure functions return ``(figure or None, notes)`` like
@@ -13,29 +14,30 @@ reporting/figures.py; deterministic (no randomness).
 
 from __future__ import annotations
 
-import re
-
 import matplotlib.pyplot as plt
 import numpy as np
 
 from charlm.artefacts import Snapshot
 from reporting.figures import Drawn, Note, _blank, _finite_np
-from reporting.stats import Inputs, first_good_seed, fmt_mean_std
+from reporting.stats import (
+    Inputs,
+    first_good_seed,
+    fmt_mean_std,
+    hidden_label,
+    no_saturation,
+    saturation_rule,
+    weight_labels,
+)
 
 MOMENTS = ("snapshot", "final")  # keys of Diagnostics.snapshots, in display order
 BINS = 100  # torch.histogram's default, as in the lecture's plots
 GUIDE = -3.0  # the lecture's rule of thumb: update:data ratio about 1e-3
 
 
-def deep_variants(inputs: Inputs) -> list[str]:
-    """The variants (params order) whose diagnostics carry per-layer snapshots."""
+def snapshot_variants(inputs: Inputs) -> list[str]:
+    """The variants (params order) whose diagnostics carry per-layer snapshots (every
+    variant since diagnostics format 6)."""
     return [v for v in inputs.variants if inputs.diagnostics[v].snapshots]
-
-
-def layer_label(name: str, kind: str) -> str:
-    """'layer 2 (tanh)' for the module 'layers.2' (the lecture's index in its list)."""
-    m = re.search(r"(\d+)$", name)
-    return f"layer {m.group(1) if m else name} ({kind})"
 
 
 def fmt_sci(values, digits: int = 3) -> str:
@@ -63,7 +65,7 @@ def _step_words(when: str, snap: Snapshot) -> str:
     return f"{when}: step {snap.step:,} (after {snap.step + 1:,} steps)"
 
 
-def _lines(ax, series: list[tuple[str, np.ndarray]], title: str) -> list[str]:
+def _lines(ax, series: list[tuple[str, np.ndarray]], title: str, xlabel: str) -> list[str]:
     """Density histograms as lines on ``ax``, shared bins; returns the labels not drawn."""
     drawable = [(label, x) for label, x in series if x.size and np.ptp(x) > 0]
     skipped = [label for label, x in series if not (x.size and np.ptp(x) > 0)]
@@ -74,12 +76,15 @@ def _lines(ax, series: list[tuple[str, np.ndarray]], title: str) -> list[str]:
         hy, hx = np.histogram(x, bins=edges, density=True)
         ax.plot(hx[:-1], hy, label=label)
     ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
     ax.legend(fontsize=8)
     return skipped
 
 
-def _per_moment(inputs: Inputs, v: str, what: str, series_of) -> Drawn:
-    """One panel per moment: ``series_of(snapshot, seed)`` gives the lines to draw."""
+def _per_moment(inputs: Inputs, v: str, what: str, series_of, xlabel: str) -> Drawn:
+    """One panel per moment: ``series_of(snapshot, seed)`` gives the lines to draw;
+    ``xlabel`` names the histogrammed value (the y axis is the density)."""
     seed = first_good_seed(inputs, v)
     fig, axes = plt.subplots(1, len(MOMENTS), figsize=(15, 3.6), squeeze=False)
     notes = []
@@ -100,7 +105,7 @@ def _per_moment(inputs: Inputs, v: str, what: str, series_of) -> Drawn:
             notes.append(Note(f"{v}, {when}: no {what} recorded."))
             continue
         title = f"{v}, {what} ({_step_words(when, snap)}, seed #{seed})"
-        skipped = _lines(ax, series, title)
+        skipped = _lines(ax, series, title, xlabel)
         if len(skipped) == len(series):
             _blank(ax, f"no finite, non-constant {what}")
             notes.append(Note(f"{v}, {when}: every {what} is constant or not finite."))
@@ -122,7 +127,10 @@ def activation_lines(inputs: Inputs, v: str) -> Drawn:
         inputs,
         v,
         "activation distribution",
-        lambda snap, s: [(layer_label(x.name, x.kind), _finite_np(x.out[s])) for x in snap.layers],
+        lambda snap, s: [
+            (hidden_label(i, x.kind), _finite_np(x.out[s])) for i, x in enumerate(snap.layers)
+        ],
+        "output of the hidden nonlinearity",
     )
 
 
@@ -133,8 +141,9 @@ def gradient_lines(inputs: Inputs, v: str) -> Drawn:
         v,
         "gradient distribution",
         lambda snap, s: [
-            (layer_label(x.name, x.kind), _finite_np(x.out_grad[s])) for x in snap.layers
+            (hidden_label(i, x.kind), _finite_np(x.out_grad[s])) for i, x in enumerate(snap.layers)
         ],
+        "dloss/dout at the hidden nonlinearity",
     )
 
 
@@ -151,10 +160,11 @@ def weight_gradient_lines(inputs: Inputs, v: str) -> Drawn:
         v,
         "weights gradient distribution",
         lambda snap, s: [
-            (_weight_label(name, w, s), _finite_np(w.grad[s]))
+            (_weight_label(weight_labels(snap.weights)[name], w, s), _finite_np(w.grad[s]))
             for name, w in snap.weights.items()
             if w.grad.dim() == 3  # (S, fan_in, fan_out): a matrix per seed
         ],
+        "gradient of the weight matrix",
     )
 
 
@@ -166,6 +176,7 @@ def update_ratio_lines(inputs: Inputs, v: str) -> Drawn:
     steps = d.update_steps.numpy()
     fig, ax = plt.subplots(figsize=(15, 3.6))
     drawn, notes = 0, []
+    labels = weight_labels(d.weights)
     if seed is not None:
         for name, w in d.weights.items():
             if w.update_ratio is None:
@@ -173,7 +184,7 @@ def update_ratio_lines(inputs: Inputs, v: str) -> Drawn:
             y = w.update_ratio[:, seed].double().numpy()  # (R,)
             ok = np.isfinite(y)
             if ok.any():
-                ax.plot(steps[ok], y[ok], label=name, marker="o" if ok.sum() < 5 else None)
+                ax.plot(steps[ok], y[ok], label=labels[name], marker="o" if ok.sum() < 5 else None)
                 drawn += 1
     if not drawn:
         plt.close(fig)
@@ -192,14 +203,18 @@ def update_ratio_lines(inputs: Inputs, v: str) -> Drawn:
 
 
 def activation_rows(inputs: Inputs, v: str) -> list[dict]:
-    """Per moment and hidden layer: mean, std and % saturated (|out| > threshold)."""
+    """Per moment and hidden layer: mean, std and % saturated in the sense of its
+    nonlinearity (``reporting.stats.saturation_rule``: tanh |out| > threshold, sigmoid
+    |2 out - 1| > threshold, relu out = 0; linear and gelu: 'no saturation for ...')."""
     rows = []
     for when, snap in _moments(inputs, v):
-        for x in snap.layers if snap else []:
+        for i, x in enumerate(snap.layers if snap else []):
+            rule = saturation_rule(x.kind, snap.threshold, "out")
             rows.append({
-                "when": f"{when} (step {snap.step:,})", "layer": layer_label(x.name, x.kind),
+                "when": f"{when} (step {snap.step:,})", "layer": hidden_label(i, x.kind),
                 "mean": fmt_2(x.mean, "+"), "std": fmt_2(x.std),
-                f"% |out| > {snap.threshold:g}": fmt_pct(x.saturated),
+                "saturated when": no_saturation(x.kind) if rule is None else rule,
+                "% saturated": "–" if rule is None else fmt_pct(x.saturated),
             })  # fmt: skip
     return rows
 
@@ -208,9 +223,9 @@ def gradient_rows(inputs: Inputs, v: str) -> list[dict]:
     """Per moment and hidden layer: mean and std of dloss/dout."""
     rows = []
     for when, snap in _moments(inputs, v):
-        for x in snap.layers if snap else []:
+        for i, x in enumerate(snap.layers if snap else []):
             rows.append({
-                "when": f"{when} (step {snap.step:,})", "layer": layer_label(x.name, x.kind),
+                "when": f"{when} (step {snap.step:,})", "layer": hidden_label(i, x.kind),
                 "grad mean": fmt_sci(x.grad_mean), "grad std": fmt_sci(x.grad_std),
             })  # fmt: skip
     return rows
@@ -220,9 +235,10 @@ def weight_rows(inputs: Inputs, v: str) -> list[dict]:
     """Per moment and weight matrix: shape, grad mean, grad std, grad:data ratio."""
     rows = []
     for when, snap in _moments(inputs, v):
+        labels = weight_labels(snap.weights) if snap else {}
         for name, w in snap.weights.items() if snap else []:
             rows.append({
-                "when": f"{when} (step {snap.step:,})", "weight": name,
+                "when": f"{when} (step {snap.step:,})", "weight": labels[name],
                 "shape": " x ".join(str(n) for n in w.grad.shape[1:]),
                 "grad mean": fmt_sci(w.grad_mean), "grad std": fmt_sci(w.grad_std),
                 "grad:data": fmt_sci(w.grad_data_ratio),

@@ -21,7 +21,18 @@ import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 
-from reporting.stats import SPLITS, Inputs, first_good_seed, fmt, fmt_mean_std
+from reporting.stats import (
+    SPLITS,
+    Inputs,
+    first_good_seed,
+    fmt,
+    fmt_mean_std,
+    no_saturation,
+    nonlinearity,
+    saturation_rule,
+    variant,
+    weight_labels,
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class Note:
 
 
 Drawn = tuple[Figure | None, list[Note]]
-H_BINS = np.linspace(-1.0, 1.0, 51)  # tanh outputs lie in [-1, 1]
+H_BINS = 50  # histogram bins of the activations; their range follows the data
 
 
 def setup() -> None:
@@ -135,7 +146,7 @@ def loss_curves(inputs: Inputs) -> Drawn:
 
 def seed_points(inputs: Inputs) -> Drawn:
     """Per-seed split losses as points (strip plot) with the published value marked."""
-    reference = (inputs.params.get("report") or {}).get("reference") or {}
+    reference = inputs.params.report.reference
     rows, notes = [], []
     for v in inputs.variants:
         ps = inputs.metrics[v]["per_seed"]
@@ -171,7 +182,7 @@ def seed_points(inputs: Inputs) -> Drawn:
             ax=ax,
         )
         for j, v in enumerate(inputs.variants):
-            ref = (reference.get(v) or {}).get(k)
+            ref = None if v not in reference else getattr(reference[v], k)
             if ref is not None:
                 ax.plot(
                     [j - 0.35, j + 0.35],
@@ -181,6 +192,8 @@ def seed_points(inputs: Inputs) -> Drawn:
                     label="published" if j == 0 or not ax.get_legend_handles_labels()[0] else None,
                 )
         ax.set_title(f"{k} loss per seed")
+        ax.set_xlabel("variant")
+        ax.set_ylabel(f"{k} loss (nats)")
         ax.tick_params(axis="x", labelrotation=30)  # five and more names would overlap
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=8)
@@ -193,39 +206,59 @@ def seed_points(inputs: Inputs) -> Drawn:
 
 def activation_figure(inputs: Inputs, v: str, layer: int = 0) -> Drawn:
     """Histogram of h and the saturation image, at init and after training (one seed),
-    of hidden layer ``layer`` (0: the first)."""
+    of hidden layer ``layer`` (0: the first). Saturation follows the variant's
+    nonlinearity (``reporting.stats.saturation_rule``: tanh |h| > t, sigmoid |2h - 1| > t,
+    relu h = 0, the units that never fire); linear and gelu have none, and only the
+    histograms are drawn. The histograms' range follows the data (shared by both)."""
     d = inputs.diagnostics[v].layers[layer].activations
     top = max(inputs.diagnostics[v].thresholds)
+    kind = nonlinearity(inputs, v)
+    rule = saturation_rule(kind, top)
     seed = first_good_seed(inputs, v)
     notes = []
-    fig, axes = plt.subplots(
-        1, 4, figsize=(15, 3.1), gridspec_kw={"width_ratios": [1, 1.5, 1, 1.5]}
-    )
-    for k, when in enumerate(("init", "final")):
-        s = 0 if (when == "init" or seed is None) else seed
-        h = d[when].h[s]  # (P, H)
-        vals = _finite_np(h)
-        ax_h, ax_i = axes[2 * k], axes[2 * k + 1]
+    if rule is None:
+        fig, axes = plt.subplots(1, 2, figsize=(15, 3.1))
+        pairs = [(axes[0], None), (axes[1], None)]
+    else:
+        fig, axes = plt.subplots(
+            1, 4, figsize=(15, 3.1), gridspec_kw={"width_ratios": [1, 1.5, 1, 1.5]}
+        )
+        pairs = [(axes[0], axes[1]), (axes[2], axes[3])]
+    seeds = {"init": 0, "final": 0 if seed is None else seed}
+    values = {when: _finite_np(d[when].h[s]) for when, s in seeds.items()}
+    finite = [x for x in values.values() if x.size]
+    edges = None
+    if finite:
+        both = np.concatenate(finite)
+        lo, hi = float(both.min()), float(both.max())
+        edges = np.linspace(lo, hi, H_BINS + 1) if hi > lo else np.linspace(lo - 1, hi + 1, 3)
+    for (ax_h, ax_i), (when, s) in zip(pairs, seeds.items(), strict=True):
+        vals = values[when]
         if vals.size == 0:
             msg = f"{v}, {when}: no finite activation (seed {s} diverged)"
-            _blank(ax_h, msg)
-            _blank(ax_i, msg)
+            for ax in (ax_h, ax_i):
+                if ax is not None:
+                    _blank(ax, msg)
             notes.append(Note(msg + "."))
             continue
-        sns.histplot(vals, bins=H_BINS, stat="density", ax=ax_h)
+        sns.histplot(vals, bins=edges, stat="density", ax=ax_h)
         ax_h.set_title(f"h at {when} (seed #{s})", fontsize=10)
-        ax_h.set_xlim(-1, 1)
+        ax_h.set_xlabel(f"h ({kind} output)")
+        ax_h.set_ylabel("density")
+        if ax_i is None:
+            continue
         img = d[when].image[s].numpy()
         ax_i.imshow(img, cmap="gray", interpolation="nearest", aspect="auto", vmin=0, vmax=1)
         dead = int(img.all(0).sum())
-        ax_i.set_title(
-            f"|h| > {top:g} at {when}: {img.mean():.1%} white, {dead} dead unit(s)", fontsize=10
-        )
+        units = "unit(s) never fire" if kind == "relu" else "dead unit(s)"
+        ax_i.set_title(f"{rule} at {when}: {img.mean():.1%} white, {dead} {units}", fontsize=10)
         ax_i.set_xlabel("hidden unit")
         ax_i.set_ylabel("probe example")
         ax_i.grid(False)
     n_layers = len(inputs.diagnostics[v].layers)
     title = v if n_layers == 1 else f"{v}, hidden layer {layer + 1} of {n_layers}"
+    if rule is None:
+        title += f" ({no_saturation(kind)}: no saturation image)"
     fig.suptitle(title, x=0.01, ha="left", fontsize=12, fontweight="bold")
     fig.tight_layout()
     return fig, notes
@@ -251,13 +284,15 @@ def gradient_hist(inputs: Inputs, layer: int = 0) -> Drawn:
             notes.append(
                 Note(
                     f"{v}: the gradient at h is exactly zero on every example and "
-                    f"unit (e.g. W2 = 0 blocks it), so there is no distribution to "
+                    f"unit (e.g. a zero output weight blocks it), so there is no distribution to "
                     f"draw."
                 )
             )
         else:
             sns.histplot(vals, bins=50, stat="density", ax=ax)
             ax.set_title(f"{v}: dloss/dh at init (std {vals.std():.2e})", fontsize=10)
+            ax.set_xlabel(f"dloss/dh (hidden layer {layer + 1})")
+            ax.set_ylabel("density")
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
     fig.tight_layout()
     return fig, notes
@@ -268,10 +303,11 @@ def gradient_rows(inputs: Inputs) -> list[dict]:
     grad:data std ratio at init."""
     rows = []
     for v in inputs.variants:
+        labels = weight_labels(inputs.diagnostics[v].weights)
         for w, g in inputs.diagnostics[v].weights.items():
             ratio = g.grad_data_ratio.double()
             rows.append({
-                "variant": v, "weight": w,
+                "variant": v, "weight": labels[w], "parameter": w,
                 "grad mean (seed 0)": f"{float(g.grad_mean[0]):+.3e}",
                 "grad std (seed 0)": f"{float(g.grad_std[0]):.3e}",
                 "grad:data (seed 0)": fmt(float(ratio[0]), 4),
@@ -287,6 +323,7 @@ def update_ratio_figure(inputs: Inputs) -> Drawn:
     notes = []
     for ax, v in zip(axes[0], vs, strict=True):
         d = inputs.diagnostics[v]
+        labels = weight_labels(d.weights)
         steps = d.update_steps.numpy()
         frames = []
         for w, rec in d.weights.items():
@@ -296,7 +333,7 @@ def update_ratio_figure(inputs: Inputs) -> Drawn:
             S = y.shape[1]
             frames.append(
                 pd.DataFrame(
-                    {"step": np.repeat(steps, S), "log10 ratio": y.reshape(-1), "weight": w}
+                    {"step": np.repeat(steps, S), "log10 ratio": y.reshape(-1), "weight": labels[w]}
                 )
             )
         df = pd.concat(frames, ignore_index=True)
@@ -330,6 +367,8 @@ def update_ratio_figure(inputs: Inputs) -> Drawn:
             ax=ax,
         )
         ax.axhline(-3, ls="--", c="k", lw=1, label="1e-3 guide")
+        ax.set_xlabel("step")
+        ax.set_ylabel("log10 update:data")
         ax.set_title(f"{v}: update:data ratio (mean ± sd over seeds)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -339,39 +378,51 @@ def update_ratio_figure(inputs: Inputs) -> Drawn:
 # ---- BatchNorm ------------------------------------------------------------------------
 
 
-def batchnorm_figure(inputs: Inputs, v: str, layer: str | None = None) -> Drawn:
+def batchnorm_label(inputs: Inputs, v: str, index: int) -> str:
+    """The BatchNorm module ``index`` (0-based, layer order) of variant ``v`` in words:
+    'before hidden layer i' (numbered 1..L) or 'output layer', from its VariantConfig
+    (``batchnorm``: one per hidden layer; ``batchnorm_output``: one after the output)."""
+    c = variant(inputs, v)
+    hidden = c.layers if c.batchnorm else 0
+    return f"before hidden layer {index + 1}" if index < hidden else "output layer"
+
+
+def batchnorm_figure(inputs: Inputs, v: str) -> Drawn:
     """Running vs calibrated per-unit mean and std (every seed), with the y = x line,
-    of the BatchNorm module named ``layer`` (default: the first)."""
+    one row per BatchNorm module of the variant (layer order)."""
     layers = inputs.diagnostics[v].batchnorm.layers
-    name = layer if layer is not None else next(iter(layers))
-    bn = layers[name]
-    label = v if len(layers) == 1 else f"{v} ({name})"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(len(layers), 2, figsize=(12, 3.4 * len(layers)), squeeze=False)
     notes = []
-    for ax, stat in zip(axes, ("mean", "std"), strict=True):
-        run = getattr(bn, f"running_{stat}").double()
-        cal = getattr(bn, f"calibrated_{stat}").double()
-        S = run.shape[0]
-        df = pd.DataFrame(
-            {
-                "calibrated": cal.reshape(-1).numpy(),
-                "running": run.reshape(-1).numpy(),
-                "seed": np.repeat(np.arange(S), run.shape[1]).astype(str),
-            }
-        )
-        df = df.replace([np.inf, -np.inf], np.nan).dropna()
-        if df.empty:
-            _blank(ax, f"no finite {stat}")
-            notes.append(Note(f"{label}: no finite BatchNorm {stat} (diverged)."))
-            continue
-        sns.scatterplot(
-            data=df, x="calibrated", y="running", hue="seed", s=12, alpha=0.7, legend=False, ax=ax
-        )
-        lo, hi = (
-            float(df[["calibrated", "running"]].min().min()),
-            float(df[["calibrated", "running"]].max().max()),
-        )
-        ax.plot([lo, hi], [lo, hi], c="k", lw=1, ls=":")
-        ax.set_title(f"{label}: per-unit {stat}, running vs calibrated (all seeds)", fontsize=10)
+    for i, (row, bn) in enumerate(zip(axes, layers.values(), strict=True)):
+        label = f"{v}, BatchNorm {batchnorm_label(inputs, v, i)}"  # module layers.i
+        for ax, stat in zip(row, ("mean", "std"), strict=True):
+            run = getattr(bn, f"running_{stat}").double()
+            cal = getattr(bn, f"calibrated_{stat}")
+            if cal is None:
+                _blank(ax, f"no calibrated {stat}")
+                notes.append(Note(f"{label}: no calibrated statistics recorded."))
+                continue
+            cal = cal.double()
+            S = run.shape[0]
+            df = pd.DataFrame(
+                {
+                    f"calibrated {stat}": cal.reshape(-1).numpy(),
+                    f"running {stat}": run.reshape(-1).numpy(),
+                    "seed": np.repeat(np.arange(S), run.shape[1]).astype(str),
+                }
+            )
+            df = df.replace([np.inf, -np.inf], np.nan).dropna()
+            if df.empty:
+                _blank(ax, f"no finite {stat}")
+                notes.append(Note(f"{label}: no finite BatchNorm {stat} (diverged)."))
+                continue
+            sns.scatterplot(
+                data=df, x=f"calibrated {stat}", y=f"running {stat}", hue="seed", s=12,
+                alpha=0.7, legend=False, ax=ax,
+            )  # fmt: skip
+            lo = float(df.iloc[:, :2].min().min())
+            hi = float(df.iloc[:, :2].max().max())
+            ax.plot([lo, hi], [lo, hi], c="k", lw=1, ls=":")
+            ax.set_title(f"{label}: per-unit {stat}, all seeds", fontsize=9)
     fig.tight_layout()
     return fig, notes

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from charlm.artefacts import Diagnostics, InitLoss, from_state
+from charlm.config import Params, VariantConfig
+from pipeline import params as params_file
 from reporting.intervals import Paired, paired_difference
 
 SPLITS = ("train", "val", "test")
@@ -29,9 +30,10 @@ UNSEEN = ("val_unseen", "test_unseen")  # val/test windows of names absent from 
 
 @dataclass
 class Inputs:
-    """Everything the report reads, per variant: evaluate's outputs and the params."""
+    """Everything the report reads, per variant: evaluate's outputs and the params
+    (validated by ``pipeline.params``, the one reader of params.yaml)."""
 
-    params: dict
+    params: Params
     counts: dict
     variants: list[str]
     metrics: dict[str, dict]
@@ -47,10 +49,12 @@ def load(
     variants: list[str],
     runs_dir: str | None = None,
 ) -> Inputs:
-    """Read params.yaml, data/processed/counts.json, each variant's evaluate outputs
-    and the run records of the stages (``runs_dir``/<stage>.json, None if absent).
+    """Read params.yaml (``pipeline.params.validate``: as every stage reads it),
+    data/processed/counts.json, each variant's evaluate outputs and the run records of
+    the stages (``runs_dir``/<stage>.json, None if absent).
 
     Raises:
+        pipeline.params.ParamsError: params.yaml is not valid.
         ValueError: a diagnostics.pt of another format (written by another version of
             the evaluate stage: rerun it) or not matching ``charlm.artefacts``.
     """
@@ -71,7 +75,7 @@ def load(
         except ValueError as e:
             raise ValueError(f"{e} (dvc repro evaluate@{v})") from e
     return Inputs(
-        params=yaml.safe_load(Path(params_path).read_text(encoding="utf-8")),
+        params=params_file.validate(params_path),
         counts=read_json(Path(data_dir) / "counts.json"),
         variants=list(variants),
         metrics={v: read_json(ev / v / "metrics.json") for v in variants},
@@ -134,40 +138,82 @@ def fmt_mean_std(
 # ---- paired comparisons (reporting.intervals) -----------------------------------
 
 
-def family(inputs: Inputs, v: str) -> tuple[bool, int, int, str]:
-    """What makes two variants comparable: (deep form, hidden layers, units per hidden
-    layer, nonlinearity), from ``variants.<v>`` in params.yaml with VariantConfig's
-    defaults (one tanh layer of ``model.n_hidden`` units)."""
-    raw = (inputs.params.get("variants") or {}).get(v) or {}
-    layers = int(raw.get("layers", 1))
-    deep = raw.get("deep")
-    n_hidden = raw.get("n_hidden") or (inputs.params.get("model") or {}).get("n_hidden")
-    return (
-        bool(layers > 1 if deep is None else deep),
-        layers,
-        int(n_hidden or 0),
-        str(raw.get("nonlinearity", "tanh")),
-    )
+def variant(inputs: Inputs, v: str) -> VariantConfig:
+    """Variant ``v``'s validated configuration (``variants.<v>`` of params.yaml)."""
+    return inputs.params.variants[v]
 
 
-def families(inputs: Inputs) -> list[list[str]]:
-    """The variants grouped by ``family``, groups and members in params order."""
-    groups: dict[tuple, list[str]] = {}
-    for v in inputs.variants:
-        groups.setdefault(family(inputs, v), []).append(v)
-    return list(groups.values())
+def nonlinearity(inputs: Inputs, v: str) -> str:
+    """The hidden layers' nonlinearity of variant ``v``."""
+    return variant(inputs, v).nonlinearity
+
+
+# The architecture knobs a comparison may differ in (``architecture``), in words.
+KNOBS = ("depth", "width", "nonlinearity", "BatchNorm")
+
+
+def architecture(inputs: Inputs, v: str) -> dict[str, Any]:
+    """Variant ``v``'s network, knob by knob (``KNOBS``): hidden layers, units per hidden
+    layer, nonlinearity and where and how it normalises (None without BatchNorm); from
+    its ``VariantConfig`` and the global ``model`` section."""
+    c = variant(inputs, v)
+    bn = (c.batchnorm, c.batchnorm_output, c.batchnorm_form) if c.has_batchnorm else None
+    return {
+        "depth": c.layers,
+        "width": c.hidden_size(inputs.params.model),
+        "nonlinearity": c.nonlinearity,
+        "BatchNorm": bn,
+    }
+
+
+def differing(inputs: Inputs, a: str, b: str) -> list[str]:
+    """The knobs (``KNOBS``) in which the networks of ``a`` and ``b`` differ."""
+    arch_a, arch_b = architecture(inputs, a), architecture(inputs, b)
+    return [k for k in KNOBS if arch_a[k] != arch_b[k]]
+
+
+def comparable(inputs: Inputs, a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` share an architecture except for at most one knob (the
+    compared one; none: they differ in their init or training only)."""
+    return len(differing(inputs, a, b)) <= 1
+
+
+def compared_knob(inputs: Inputs, a: str, b: str) -> str:
+    """What a comparison of ``a`` and ``b`` measures, in words: the knob they differ in
+    (or 'init / training'), and a warning when they trained differently."""
+    knobs = differing(inputs, a, b) or ["init / training"]
+    return ", ".join(knobs) + ("" if same_training(inputs, a, b) else " (and trained differently)")
+
+
+def same_training(inputs: Inputs, a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` trained alike: the same ``train_of`` but for the seeds
+    (which pair by value) and the same learning-rate scale."""
+    ta, tb = (train_of(inputs, v).model_dump(exclude={"seeds"}) for v in (a, b))
+    return ta == tb and variant(inputs, a).lr_scale == variant(inputs, b).lr_scale
+
+
+def train_of(inputs: Inputs, v: str):
+    """Variant ``v``'s training run (``charlm.config.TrainConfig``): the global ``train``
+    with its own overrides (``VariantConfig.train_config``)."""
+    return variant(inputs, v).train_config(inputs.params.train)
+
+
+def paired_by_seed(inputs: Inputs, a: str, b: str, split: str = "val") -> Paired:
+    """``a - b`` on ``split`` over the seeds both variants ran (in ``a``'s order): seed
+    values pair, so a variant may train its own seeds (``variants.<v>.train.seeds``)."""
+    va = dict(zip(inputs.metrics[a]["seeds"], inputs.metrics[a]["per_seed"][split], strict=True))
+    vb = dict(zip(inputs.metrics[b]["seeds"], inputs.metrics[b]["per_seed"][split], strict=True))
+    common = [s for s in va if s in vb]
+    return paired_difference([va[s] for s in common], [vb[s] for s in common], a, b)
 
 
 def comparisons(inputs: Inputs, split: str = "val") -> list[Paired]:
-    """Every pair of one-layer variants of the same ``family`` (params order) on
-    ``split``, seeds paired by index; deep variants are compared among themselves by
-    ``reporting.verdict.depth_comparisons``, never with a one-layer variant."""
-    ps = {v: inputs.metrics[v]["per_seed"][split] for v in inputs.variants}
+    """Every pair of ``comparable`` variants (params order) on ``split``, seeds paired by
+    value (``paired_by_seed``); ``compared_knob`` says what each pair measures."""
     return [
-        paired_difference(ps[a], ps[b], a, b)
-        for group in families(inputs)
-        if not family(inputs, group[0])[0]
-        for a, b in combinations(group, 2)
+        paired_by_seed(inputs, a, b, split)
+        for a, b in combinations(inputs.variants, 2)
+        if comparable(inputs, a, b)
     ]
 
 
@@ -181,14 +227,14 @@ def spread(inputs: Inputs, v: str, split: str = "val") -> float | None:
 
 def reference_rows(inputs: Inputs) -> list[dict]:
     """Canonical seed's step-0 and split losses beside the published ones, with deltas."""
-    reference = (inputs.params.get("report") or {}).get("reference") or {}
+    reference = inputs.params.report.reference
     rows = []
     for v in inputs.variants:
         ours = inputs.metrics[v]["canonical"]
-        ref = reference.get(v) or {}
-        tol = ref.get("tol")
+        ref = reference.get(v)
+        tol = None if ref is None else ref.tol
         for split in ("init_loss", *SPLITS):
-            r, o = ref.get(split), ours.get(split)
+            r, o = None if ref is None else getattr(ref, split), ours.get(split)
             delta = None if r is None or o is None else o - r
             if delta is None:
                 check = "no published value" if r is None else "no value (diverged)"
@@ -222,10 +268,16 @@ def first_good_seed(inputs: Inputs, v: str) -> int | None:
 
 
 def summary_paragraph(inputs: Inputs) -> str:
-    """The report's opening paragraph (markdown), generated from the numbers; variants
-    are ranked within the family of the first one (``family``: the one-layer variants
-    in the default params), the depth verdict is ``reporting.verdict``'s."""
-    vs = families(inputs)[0]
+    """The report's opening paragraph (markdown), generated from the numbers; the
+    variants ranked are the first one and those ``comparable`` with it that trained
+    as it did (the lecture's one-layer variants in the default params); the depth
+    verdict is ``reporting.verdict``'s."""
+    first = inputs.variants[0]
+    vs = [
+        v
+        for v in inputs.variants
+        if v == first or (comparable(inputs, first, v) and same_training(inputs, first, v))
+    ]
     n_seeds = max(len(inputs.metrics[v]["seeds"]) for v in vs)
     means = {v: mean_std(inputs.metrics[v]["per_seed"]["val"]) for v in vs}
     ranked = sorted((m[0], v) for v, m in means.items() if m[0] is not None)
@@ -301,8 +353,11 @@ def summary_paragraph(inputs: Inputs) -> str:
     return " ".join(parts)
 
 
-def init_loss_sentence(v: str, il: InitLoss, seed: int = 0) -> str:
-    """Why variant ``v`` starts where it does, from its step-0 logits (one seed)."""
+def init_loss_sentence(
+    v: str, il: InitLoss, seed: int = 0, labels: dict[str, str] | None = None
+) -> str:
+    """Why variant ``v`` starts where it does, from its step-0 logits (one seed);
+    ``labels``: the weight matrices' short names (``weight_labels``)."""
     uniform = il.uniform
     V = round(math.exp(uniform))
     loss = il.step0[seed]
@@ -315,7 +370,7 @@ def init_loss_sentence(v: str, il: InitLoss, seed: int = 0) -> str:
     )
     std, pred = il.logits_std[seed], il.logits_std_predicted[seed]
     pt, pmax = il.p_target_median[seed], il.p_max[seed]
-    w = il.output_weight
+    w = (labels or {}).get(il.output_weight, il.output_weight)
     if abs(excess) <= 0.1:
         return (
             head + f": its logits are small (sd {std:.3f}), so the softmax is close to "
@@ -348,18 +403,84 @@ def duplicates_sentence(counts: dict) -> str:
     )
 
 
+# ---- what saturation means per nonlinearity (charlm.diagnostics.saturated) ------------
+
+
+def saturation_rule(kind: str, threshold: float | str | None = None, x: str = "h") -> str | None:
+    """The rule ``charlm.diagnostics.saturated`` counts for nonlinearity ``kind``, in
+    symbols: tanh '|h| > 0.97', sigmoid '|2h − 1| > 0.97' (h near 0 or 1), relu 'h = 0'
+    (off: the threshold plays no part); None for linear and gelu (no flat part)."""
+    t = "t" if threshold is None else threshold
+    t = f"{t:g}" if isinstance(t, float) else t
+    if kind == "tanh":
+        return f"|{x}| > {t}"
+    if kind == "sigmoid":
+        return f"|2{x} − 1| > {t}"
+    if kind == "relu":
+        return f"{x} = 0"
+    return None
+
+
+def no_saturation(kind: str) -> str:
+    """What the report says instead of a 0 % saturated share for linear and gelu."""
+    return f"no saturation for {kind}"
+
+
+def dead_words(kind: str) -> str:
+    """What a unit flat on every probe example is called: relu's 'never fire' (zero on
+    every example, gradient exactly 0), the others' 'dead' (saturated on every one)."""
+    return "never fire" if kind == "relu" else "dead"
+
+
 def dead_units_sentence(inputs: Inputs) -> str:
-    """Dead units per variant at init and after training (the seeds the figures show)."""
-    parts = []
+    """Dead units per variant at init and after training (the seeds the figures show),
+    in the words of each variant's nonlinearity (``saturation_rule``)."""
+    parts, kinds = [], []
     for v in inputs.variants:
+        kind = nonlinearity(inputs, v)
         layers = [layer.activations for layer in inputs.diagnostics[v].layers]
+        if saturation_rule(kind) is None or layers[0]["init"].dead is None:
+            parts.append(f"{v}: {no_saturation(kind)}")
+            continue
+        kinds.append(kind)
         s = first_good_seed(inputs, v)
         final = "–" if s is None else str(sum(a["final"].dead[s] for a in layers))
-        parts.append(f"{v} {sum(a['init'].dead[0] for a in layers)} → {final}")
+        never = " never fire" if kind == "relu" else ""
+        parts.append(f"{v} {sum(a['init'].dead[0] for a in layers)} → {final}{never}")
+    rules = []
+    if any(k in ("tanh", "sigmoid") for k in kinds):
+        rules.append("saturated on every probe example")
+    if "relu" in kinds:
+        rules.append("for relu, units that never fire: zero on every probe example")
+    what = "; ".join(rules) + "; " if rules else ""
     return (
-        "**Dead units** (saturated on every probe example; at init → after training, "
-        "seeds as in the figures): " + ", ".join(parts) + "."
+        f"**Dead units** ({what}at init → after training, seeds as in the figures): "
+        + ", ".join(parts)
+        + "."
     )
+
+
+# ---- names of layers and weight matrices ----------------------------------------------
+
+
+def hidden_label(index: int, kind: str) -> str:
+    """'layer 1 (tanh)' for the first hidden layer: hidden layers are numbered 1..L
+    everywhere in the report (``index`` 0-based, input side first)."""
+    return f"layer {index + 1} ({kind})"
+
+
+def weight_labels(names: Any) -> dict[str, str]:
+    """The lecture's short names of the weight matrices ``names`` (``C`` and Linear
+    weights ``layers.i.weight``): C, then W1, W2, ... in layer order, as
+    ``charlm.model.MLP.weight_label`` gives them (the one-layer network's W1, W2)."""
+    names = list(names)
+
+    def index(name: str) -> int:
+        parts = name.split(".")
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
+
+    linear = sorted((n for n in names if n != "C"), key=index)
+    return {n: "C" if n == "C" else f"W{linear.index(n) + 1}" for n in names}
 
 
 def params_text(params_path: str) -> str:

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import math
 
-from reporting.stats import SPLITS, UNSEEN, Inputs, fmt_mean_std
+from reporting.stats import (
+    SPLITS,
+    UNSEEN,
+    Inputs,
+    fmt_mean_std,
+    no_saturation,
+    nonlinearity,
+    saturation_rule,
+)
 
 
 def seed_rows(inputs: Inputs) -> list[dict]:
@@ -25,18 +33,29 @@ def seed_rows(inputs: Inputs) -> list[dict]:
 
 
 def activation_rows(inputs: Inputs) -> list[dict]:
-    """Per variant, hidden layer and moment (init, final): saturation, dead units and
-    pre-activation statistics, each as mean ± sd over seeds (a 'layer' column, 1 for
-    the first hidden layer, only when some variant has several)."""
+    """Per variant, hidden layer and moment (init, final): what counts as saturated for
+    its nonlinearity (``reporting.stats.saturation_rule``), the saturated share at each
+    threshold (tanh, sigmoid) or the share of zeros (relu), the dead units (relu: that
+    never fire) and pre-activation statistics, each as mean ± sd over seeds; linear
+    and gelu say 'no saturation for ...' (a 'layer' column, 1 for the first hidden
+    layer, only when some variant has several)."""
     deep = any(len(inputs.diagnostics[v].layers) > 1 for v in inputs.variants)
     rows = []
     for v in inputs.variants:
+        kind = nonlinearity(inputs, v)
         for i, layer in enumerate(inputs.diagnostics[v].layers):
             for when, a in layer.activations.items():
                 row = {"variant": v, **({"layer": i + 1} if deep else {}), "when": when}
-                for t, share in a.saturated.items():
-                    row[f"share |h| > {t}"] = fmt_mean_std(share, 3)
-                row["dead units"] = fmt_mean_std(a.dead, 1)
+                rule = saturation_rule(kind)
+                row["saturated when"] = no_saturation(kind) if rule is None else rule
+                if kind == "relu":
+                    share = next(iter(a.saturated.values()), None)
+                    row["share zero (relu)"] = "–" if share is None else fmt_mean_std(share, 3)
+                else:
+                    for t, share in a.saturated.items():
+                        row[f"share saturated, t = {t}"] = fmt_mean_std(share, 3)
+                if a.dead is not None:
+                    row["dead units (relu: never fire)"] = fmt_mean_std(a.dead, 1)
                 row["pre-activation mean"] = fmt_mean_std(a.hpreact_mean, 3)
                 row["pre-activation std"] = fmt_mean_std(a.hpreact_std, 3)
                 rows.append(row)

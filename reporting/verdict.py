@@ -1,67 +1,71 @@
-"""The verdict at depth: deep variants compared within their family, parameter counts,
-and the sentences the report's summary adds about them.
+"""The verdict at depth: variants of the same depth > 1 with and without BatchNorm,
+parameter counts, and the sentences the report's summary adds about them.
 
-"Does BatchNorm win at depth?" is answered by the paired intervals of
-reporting/intervals.py between a deep variant with BatchNorm and one without of the
-same family (``reporting.stats.family``: depth, width, nonlinearity), seeds paired by
-their value (a deep variant may train its own seeds, ``variants.<name>.train.seeds``).
-Pure functions of ``reporting.stats.Inputs``; no plotting.
+"Does BatchNorm win at depth?" is answered by the paired interval of
+reporting/intervals.py between a variant of several hidden layers with BatchNorm and one
+without that shares its architecture otherwise (``reporting.stats.differing``: depth,
+width, nonlinearity), seeds paired by their value (a variant may train its own seeds,
+``variants.<name>.train.seeds``). Every variant's semantics come from its validated
+``charlm.config.VariantConfig``. Pure functions of ``reporting.stats.Inputs``; no plotting.
 """
 
 from __future__ import annotations
 
 from itertools import combinations
 
-from charlm.config import TrainConfig, VariantConfig
-from reporting.intervals import Paired, paired_difference
-from reporting.stats import Inputs, families, family, summary_paragraph
+from charlm.config import TrainConfig
+from reporting.intervals import Paired
+from reporting.stats import (
+    Inputs,
+    architecture,
+    compared_knob,
+    differing,
+    paired_by_seed,
+    summary_paragraph,
+    train_of,
+    variant,
+)
 
 FULL_STEPS = 200_000  # the lecture's run
 FULL_DECAY = 150_000  # its deep network's lr decay step (lr 0.1, then 0.01)
 
 
-def has_batchnorm(inputs: Inputs, v: str) -> bool:
-    """True if variant ``v`` normalises a layer (``batchnorm`` or ``batchnorm_output``)."""
-    raw = (inputs.params.get("variants") or {}).get(v) or {}
-    return bool(raw.get("batchnorm") or raw.get("batchnorm_output"))
+def deep_variants(inputs: Inputs) -> list[str]:
+    """The variants (params order) with more than one hidden layer (the lecture's
+    second half)."""
+    return [v for v in inputs.variants if variant(inputs, v).layers > 1]
 
 
-def deep_families(inputs: Inputs) -> list[list[str]]:
-    """Groups of comparable deep variants (``family`` with the deep form), params order."""
-    return [g for g in families(inputs) if family(inputs, g[0])[0]]
-
-
-def paired_by_seed(inputs: Inputs, a: str, b: str, split: str = "val") -> Paired:
-    """``a - b`` on ``split`` over the seeds both variants ran (in ``a``'s order)."""
-    va = dict(zip(inputs.metrics[a]["seeds"], inputs.metrics[a]["per_seed"][split], strict=True))
-    vb = dict(zip(inputs.metrics[b]["seeds"], inputs.metrics[b]["per_seed"][split], strict=True))
-    common = [s for s in va if s in vb]
-    return paired_difference([va[s] for s in common], [vb[s] for s in common], a, b)
+def batchnorm_pairs(inputs: Inputs) -> list[tuple[str, str]]:
+    """(with BatchNorm, without) for every pair of deep variants that differ in
+    BatchNorm only (``reporting.stats.differing``), params order."""
+    out = []
+    for a, b in combinations(deep_variants(inputs), 2):
+        if differing(inputs, a, b) == ["BatchNorm"]:
+            out.append((a, b) if variant(inputs, a).has_batchnorm else (b, a))
+    return out
 
 
 def depth_comparisons(inputs: Inputs, split: str = "val") -> list[Paired]:
-    """Every pair of deep variants of the same family, paired by seed value."""
+    """Every pair of deep variants that differ in BatchNorm only, first minus second
+    in params order (the report's paired table has them among all comparisons)."""
     return [
         paired_by_seed(inputs, a, b, split)
-        for group in deep_families(inputs)
-        for a, b in combinations(group, 2)
+        for a, b in combinations(deep_variants(inputs), 2)
+        if differing(inputs, a, b) == ["BatchNorm"]
     ]
 
 
 def batchnorm_pair(inputs: Inputs) -> tuple[str, str] | None:
-    """(with BatchNorm, without) for the first deep family that has both, else None."""
-    for group in deep_families(inputs):
-        bn = [v for v in group if has_batchnorm(inputs, v)]
-        plain = [v for v in group if not has_batchnorm(inputs, v)]
-        if bn and plain:
-            return bn[0], plain[0]
-    return None
+    """(with BatchNorm, without) of the first of ``batchnorm_pairs``, else None."""
+    pairs = batchnorm_pairs(inputs)
+    return pairs[0] if pairs else None
 
 
 def depth_sentence(inputs: Inputs, split: str = "val") -> str:
     """One sentence answering "does BatchNorm win at depth?" with its paired interval
     of (without - with) BatchNorm, in nats of ``split`` loss; '' with no deep variant."""
-    deep = [v for g in deep_families(inputs) for v in g]
+    deep = deep_variants(inputs)
     if not deep:
         return ""
     pair = batchnorm_pair(inputs)
@@ -71,7 +75,8 @@ def depth_sentence(inputs: Inputs, split: str = "val") -> str:
             f"same depth and width in this run ({', '.join(deep)}), so no verdict."
         )
     bn, plain = pair
-    _, layers, width, kind = family(inputs, bn)
+    arch = architecture(inputs, bn)
+    layers, width, kind = arch["depth"], arch["width"], arch["nonlinearity"]
     where = f"At depth ({layers} hidden {kind} layers of {width} units)"
     schedule = {v: _schedule(train_of(inputs, v)) for v in (bn, plain)}
     if schedule[bn] != schedule[plain]:
@@ -100,8 +105,8 @@ def depth_sentence(inputs: Inputs, split: str = "val") -> str:
     return (
         f"{where}, {verb} of {split} loss ({diff}, {ci}) {seeds}, after "
         f"{schedule[bn]}. (These are the lecture's two networks: besides BatchNorm they "
-        f"differ in the gain, the biases and the output scaling; see the gain sweep in the "
-        f"README for how the verdict moves with the gain.)"
+        f"differ in the gain, the biases and the output scaling; see the gain sweep in "
+        f"docs/experiments.md for how the verdict moves with the gain.)"
     )
 
 
@@ -115,22 +120,12 @@ def _schedule(t: TrainConfig) -> str:
     return f"{t.max_steps:,} steps of batch {t.batch_size}, {lr}"
 
 
-def train_of(inputs: Inputs, v: str) -> TrainConfig:
-    """Variant ``v``'s training run: the global ``train`` with its own overrides.
-
-    Raises:
-        ValueError: params.yaml's ``train`` or ``variants.<v>`` is not valid.
-    """
-    base = TrainConfig.model_validate(inputs.params.get("train") or {})
-    return VariantConfig.model_validate(inputs.params["variants"][v]).train_config(base)
-
-
 def full_run_command(inputs: Inputs, variants: list[str]) -> str:
     """The ``dvc exp run`` that trains ``variants`` for the lecture's 200,000 steps
     (with its lr decay at 150,000 where the variant decays elsewhere)."""
     parts = ["dvc exp run"]
     for v in variants:
-        own = (inputs.params["variants"][v].get("train") or {}).keys()
+        own = (variant(inputs, v).train or {}).keys()
         for key, value in (("max_steps", FULL_STEPS), ("lr_decay_step", FULL_DECAY)):
             if key == "lr_decay_step" and train_of(inputs, v).lr_decay_step == FULL_DECAY:
                 continue
@@ -142,7 +137,7 @@ def full_run_command(inputs: Inputs, variants: list[str]) -> str:
 def deep_run_sentence(inputs: Inputs) -> str:
     """How long and with which seeds each deep variant trained, and the command for the
     full run; '' with no deep variant."""
-    deep = [v for g in deep_families(inputs) for v in g]
+    deep = deep_variants(inputs)
     if not deep:
         return ""
     runs = []
@@ -171,11 +166,14 @@ def summary(inputs: Inputs) -> str:
     return " ".join(p for p in parts if p)
 
 
-def paired_rows(comps: list[Paired]) -> list[dict]:
-    """The table of paired comparisons: mean difference (first - second), sd, t quantile,
-    the t interval and the bootstrap interval (nats)."""
+def paired_rows(comps: list[Paired], inputs: Inputs | None = None) -> list[dict]:
+    """The table of paired comparisons: with ``inputs``, what each pair differs in
+    (``reporting.stats.compared_knob``); mean difference (first - second), sd, t
+    quantile, the t interval and the bootstrap interval (nats)."""
     rows = [{
-        "first": c.a, "second": c.b, "pairs": c.n, "mean difference": c.mean, "sd": c.sd,
+        "first": c.a, "second": c.b,
+        **({"differs in": compared_knob(inputs, c.a, c.b)} if inputs is not None else {}),
+        "pairs": c.n, "mean difference": c.mean, "sd": c.sd,
         "t (0.975, n-1)": c.t, "95% CI low": c.lo, "95% CI high": c.hi,
         "bootstrap 95% low": c.boot_lo, "bootstrap 95% high": c.boot_hi,
     } for c in comps]  # fmt: skip
@@ -183,20 +181,25 @@ def paired_rows(comps: list[Paired]) -> list[dict]:
 
 
 def param_rows(inputs: Inputs) -> list[dict]:
-    """Every variant's network and parameter count per model (one seed): metrics.json's
-    ``n_params``, else the diagnostics' (None when neither has it)."""
+    """Every variant's network (``reporting.stats.architecture``), init recipe and
+    parameter count per model (one seed): metrics.json's ``n_params``, else the
+    diagnostics' (None when neither has it)."""
     rows = []
     for v in inputs.variants:
-        deep, layers, width, kind = family(inputs, v)
+        c, arch = variant(inputs, v), architecture(inputs, v)
         n = inputs.metrics[v].get("n_params") or inputs.diagnostics[v].n_params or None
+        bn = "no"
+        if c.has_batchnorm:
+            where = [w for w, on in (("hidden", c.batchnorm), ("output", c.batchnorm_output)) if on]
+            bn = f"{' + '.join(where)} ({c.batchnorm_form})"
         rows.append(
             {
                 "variant": v,
-                "form": "deep" if deep else "one hidden layer",
-                "hidden layers": layers,
-                "units": width,
-                "nonlinearity": kind,
-                "BatchNorm": "yes" if has_batchnorm(inputs, v) else "no",
+                "hidden layers": arch["depth"],
+                "units": arch["width"],
+                "nonlinearity": arch["nonlinearity"],
+                "BatchNorm": bn,
+                "init": c.init,
                 "parameters": "–" if n is None else f"{n:,}",
             }
         )

@@ -1,9 +1,13 @@
-"""The deep variants' part of the report, on synthetic records (charlm.artefacts).
+"""The layer-by-layer part of the report and the verdict at depth, on synthetic records
+(charlm.artefacts, diagnostics format 6: every variant has snapshots).
 
 Five hidden tanh layers, three seeds: each figure function draws (or says why not), the
-tables hold mean ± sd across seeds computed here independently, deep variants are compared
-only among themselves, and the summary sentence carries the paired interval. The last
-test executes the whole template with papermill on a synthetic evaluate directory.
+tables hold mean ± sd across seeds computed here independently, variants are compared
+when their architectures differ in one knob at most, and the summary sentence carries
+the paired interval. The params are validated ``charlm.config.Params`` (as
+``pipeline.params`` gives them). The template tests execute the whole template with
+papermill on a synthetic evaluate directory, one with params.yaml written in every
+YAML 1.2 number spelling the stages accept.
 """
 
 from __future__ import annotations
@@ -21,19 +25,22 @@ from matplotlib.figure import Figure
 from support import ROOT
 
 from charlm import artefacts as A
+from charlm.config import Params
+from pipeline import params as params_file
 from reporting import depth as rd
 from reporting import stats as rs
 from reporting import verdict as rv
 
 S, B, H, LAYERS, V = 3, 16, 8, 5, 27
 SEEDS = [2147483647, 1, 2]
-DEEP = {"layers": LAYERS, "n_hidden": H, "gain": 1.0}
+DEEP = {"init": "second_half", "layers": LAYERS, "n_hidden": H, "gain": 1.0}
 PARAMS = {
+    "data": {"url": "https://example.invalid/names.txt", "sha256": "0" * 64},
     "model": {"n_embd": 10, "n_hidden": 200},
     "train": {"seeds": SEEDS, "max_steps": 2000, "lr_decay_step": 1500, "batch_size": 32},
     "variants": {
-        "naive": {"w1_init": "normal", "w1_scale": 1.0},
-        "kaiming": {"w1_init": "kaiming", "gain": None},
+        "naive": {"init": "first_half", "weight_scale": 1.0},
+        "kaiming": {"init": "first_half", "gain": None},
         "deep_bn": {**DEEP, "batchnorm": True, "batchnorm_output": True},
         "deep_tanh": {**DEEP, "gain": 5 / 3},
     },
@@ -47,9 +54,9 @@ VAL = {  # per-seed val losses: deep_tanh is worse by 0.02 ± 0.001
 N_PARAMS = {"naive": 11_897, "kaiming": 11_897, "deep_bn": 47_024, "deep_tanh": 46_497}
 
 
-def snapshot(step: int, g: torch.Generator, scale: float) -> A.Snapshot:
+def snapshot(step: int, g: torch.Generator, scale: float, n_layers: int = LAYERS) -> A.Snapshot:
     layers = []
-    for i in range(LAYERS):
+    for i in range(n_layers):
         out = torch.tanh(scale * (i + 1) * torch.randn(S, B, H, generator=g))
         grad = 1e-3 * (i + 1) * torch.randn(S, B, H, generator=g)
         flat, gflat = out.reshape(S, -1), grad.reshape(S, -1)
@@ -63,8 +70,8 @@ def snapshot(step: int, g: torch.Generator, scale: float) -> A.Snapshot:
     shapes = {
         "C": (V, 10),
         "layers.0.weight": (30, H),
-        **{f"layers.{3 * i}.weight": (H, H) for i in range(1, LAYERS)},
-        "layers.15.weight": (H, V),
+        **{f"layers.{3 * i}.weight": (H, H) for i in range(1, n_layers)},
+        f"layers.{3 * n_layers}.weight": (H, V),
     }
     for name, (fan_in, fan_out) in shapes.items():
         grad = 1e-2 * torch.randn(S, fan_in, fan_out, generator=g)
@@ -85,8 +92,9 @@ def diagnostics(deep: bool, seed: int = 0) -> A.Diagnostics:
         "hpreact_std": [1.0] * S, "hpreact": torch.zeros(S, P, H), "h": torch.zeros(S, P, H),
         "image": torch.zeros(S, P, H, dtype=torch.bool),
     }  # fmt: skip
-    snaps = {"snapshot": snapshot(1000, g, 0.5), "final": snapshot(1999, g, 0.7)}
-    names = list(snaps["final"].weights) if deep else ["C", "W1", "W2"]
+    n = LAYERS if deep else 1  # every variant has snapshots (diagnostics format 6)
+    snaps = {"snapshot": snapshot(1000, g, 0.5, n), "final": snapshot(1999, g, 0.7, n)}
+    names = list(snaps["final"].weights)
     return A.Diagnostics(
         seeds=SEEDS, diverged_at=[None] * S, probe_index=torch.arange(P), thresholds=[0.97],
         curve={"window": 1000, "step": torch.tensor([0, 1000]),
@@ -100,7 +108,7 @@ def diagnostics(deep: bool, seed: int = 0) -> A.Diagnostics:
                      "grad_data_ratio": torch.ones(S),
                      "update_ratio": -3 + 0.1 * torch.randn(R, S, generator=g)} for n in names},
         update_steps=torch.tensor([0, 1000, 1999]), batchnorm=None,
-        snapshots=snaps if deep else None, n_params=N_PARAMS["deep_bn"] if deep else 11_897,
+        snapshots=snaps, n_params=N_PARAMS["deep_bn"] if deep else 11_897,
     )  # fmt: skip
 
 
@@ -110,13 +118,38 @@ def metrics(v: str) -> dict:
     per_seed.update(init_loss=[3.3] * S, val_unseen=val, test_unseen=val, diverged=[False] * S,
                     diverged_at=[None] * S)  # fmt: skip
     canonical = {k: per_seed[k][0] for k in ("init_loss", "train", "val", "test")}
+    keys = ("init_loss", "train", "val", "test", "val_unseen", "test_unseen")
     return {"seeds": SEEDS, "n_diverged": 0, "per_seed": per_seed, "canonical": canonical,
+            "mean": {k: statistics.fmean(per_seed[k]) for k in keys},
+            "std": {k: statistics.stdev(per_seed[k]) for k in keys},
             "n_params": N_PARAMS[v]}  # fmt: skip
+
+
+def make_params(raw: dict) -> Params:
+    """Validated params from a (partial) mapping, as ``pipeline.params`` gives them."""
+    return params_file.parse(copy.deepcopy(raw))
+
+
+def with_train(inputs: rs.Inputs, v: str, train: dict) -> None:
+    """Give variant ``v`` its own ``train`` overrides (Params is frozen: rebuilt)."""
+    raw = params_yaml(inputs.params)
+    raw["variants"][v]["train"] = train
+    inputs.params = make_params(raw)
+
+
+def params_yaml(params: Params) -> dict:
+    """``params`` as a params.yaml mapping that ``pipeline.params.validate`` accepts:
+    every key of the global sections spelled out, each variant with its given keys."""
+    out = params.model_dump(mode="json", exclude={"variants"})
+    out["variants"] = {
+        name: v.model_dump(mode="json", exclude_unset=True) for name, v in params.variants.items()
+    }
+    return out
 
 
 def make_inputs(variants: list[str] | None = None) -> rs.Inputs:
     vs = variants or list(PARAMS["variants"])
-    params = copy.deepcopy({**PARAMS, "variants": {v: PARAMS["variants"][v] for v in vs}})
+    params = make_params({**PARAMS, "variants": {v: PARAMS["variants"][v] for v in vs}})
     return rs.Inputs(
         params=params, counts={"vocab_size": V}, variants=vs,
         metrics={v: metrics(v) for v in vs}, samples={},
@@ -141,12 +174,14 @@ def test_every_deep_figure_draws_one_line_per_layer_or_weight(draw):
     assert isinstance(fig, Figure) and notes == []
     labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
     if draw in (rd.activation_lines, rd.gradient_lines):
-        assert labels[:LAYERS] == [f"layer {3 * i + 2} (tanh)" for i in range(LAYERS)]
+        # hidden layers numbered 1..L, not by module index (2, 5, 8, ...)
+        assert labels[:LAYERS] == [f"layer {i + 1} (tanh)" for i in range(LAYERS)]
     elif draw is rd.weight_gradient_lines:
         assert labels[0].startswith("C (27x10), grad:data ")
-        assert labels[1].startswith(f"layers.0.weight (30x{H})")
+        assert labels[1].startswith(f"W1 (30x{H})")
+        assert labels[LAYERS + 1].startswith(f"W{LAYERS + 1} ({H}x{V})")
     else:
-        assert "1e-3 guide" in labels and "layers.15.weight" in labels
+        assert "1e-3 guide" in labels and f"W{LAYERS + 1}" in labels
         (guide,) = [ln for ln in fig.axes[0].lines if ln.get_label() == "1e-3 guide"]
         assert guide.get_linestyle() == "--" and guide.get_ydata()[0] == -3
 
@@ -175,19 +210,20 @@ def test_tables_hold_mean_and_sd_across_seeds():
     inputs = make_inputs()
     snap = inputs.diagnostics["deep_bn"].snapshots["final"]
     rows = [r for r in rd.activation_rows(inputs, "deep_bn") if r["when"].startswith("final")]
-    assert len(rows) == LAYERS and rows[0]["layer"] == "layer 2 (tanh)"
+    assert len(rows) == LAYERS and rows[0]["layer"] == "layer 1 (tanh)"
     x = snap.layers[3]
     outs = [x.out[s].std().item() for s in range(S)]  # recomputed from the tensors
     mean, sd = pm(outs, ".2f")
     assert rows[3]["std"] == f"{mean} ± {sd} (n = 3)"
     sat = [100 * (x.out[s].abs() > 0.97).float().mean().item() for s in range(S)]
     mean, sd = pm(sat, ".2f")
-    assert rows[3]["% |out| > 0.97"] == f"{mean} ± {sd} % (n = 3)"
+    assert rows[3]["saturated when"] == "|out| > 0.97"
+    assert rows[3]["% saturated"] == f"{mean} ± {sd} % (n = 3)"
     grows = rd.gradient_rows(inputs, "deep_bn")
     gs = [x.out_grad[s].std().item() for s in range(S)]
     assert grows[LAYERS + 3]["grad std"].startswith(f"{statistics.fmean(gs):.3e} ± ")
-    wrows = [r for r in rd.weight_rows(inputs, "deep_bn") if r["weight"] == "layers.15.weight"]
-    w = snap.weights["layers.15.weight"]
+    wrows = [r for r in rd.weight_rows(inputs, "deep_bn") if r["weight"] == f"W{LAYERS + 1}"]
+    w = snap.weights[f"layers.{3 * LAYERS}.weight"]
     ratio = [w.grad[s].std().item() / w.data_std[s] for s in range(S)]
     assert wrows[1]["shape"] == f"{H} x {V}"
     assert wrows[1]["grad:data"] == (
@@ -198,19 +234,51 @@ def test_tables_hold_mean_and_sd_across_seeds():
 def test_parameter_counts_of_every_variant():
     rows = rv.param_rows(make_inputs())
     assert [r["parameters"] for r in rows] == ["11,897", "11,897", "47,024", "46,497"]
-    assert [r["form"] for r in rows] == ["one hidden layer"] * 2 + ["deep"] * 2
-    assert [r["BatchNorm"] for r in rows] == ["no", "no", "yes", "no"]
+    assert [r["hidden layers"] for r in rows] == [1, 1, LAYERS, LAYERS]
+    assert [r["units"] for r in rows] == [200, 200, H, H]  # model.n_hidden, or the variant's
+    assert [r["BatchNorm"] for r in rows] == ["no", "no", "hidden + output (var)", "no"]
+    assert [r["init"] for r in rows] == ["first_half"] * 2 + ["second_half"] * 2
 
 
 # ---- the verdict at depth --------------------------------------------------------------------
 
 
-def test_deep_variants_are_compared_only_among_themselves():
+def test_variants_are_compared_when_they_differ_in_one_knob_at_most():
     inputs = make_inputs()
-    assert [(c.a, c.b) for c in rs.comparisons(inputs)] == [("naive", "kaiming")]
+    # naive and kaiming differ in their init only; deep_bn and deep_tanh in BatchNorm;
+    # a one-layer and a deep variant differ in depth and width: never compared
+    assert [(c.a, c.b) for c in rs.comparisons(inputs)] == [
+        ("naive", "kaiming"),
+        ("deep_bn", "deep_tanh"),
+    ]
+    assert rs.compared_knob(inputs, "naive", "kaiming") == "init / training"
+    assert rs.compared_knob(inputs, "deep_bn", "deep_tanh") == "BatchNorm"
     assert [(c.a, c.b) for c in rv.depth_comparisons(inputs)] == [("deep_bn", "deep_tanh")]
-    # the summary ranks the one-layer family only: deep_bn never its "runner-up"
+    # the summary ranks the variants comparable with the first: deep_bn never its "runner-up"
     assert "deep" not in rs.summary_paragraph(inputs)
+    rows = rv.paired_rows(rs.comparisons(inputs), inputs)
+    assert [r["differs in"] for r in rows] == ["init / training", "BatchNorm"]
+
+
+def test_a_knob_compared_alone_across_depth_width_and_nonlinearity():
+    """The comparable pairs come from VariantConfig: a variant that differs from
+    deep_tanh in one knob (depth, width or nonlinearity) is compared with it, one that
+    differs in two is not."""
+    raw = copy.deepcopy(PARAMS)
+    raw["variants"] = {
+        "deep_tanh": PARAMS["variants"]["deep_tanh"],
+        "shallow": {**PARAMS["variants"]["deep_tanh"], "layers": 2},
+        "wide": {**PARAMS["variants"]["deep_tanh"], "n_hidden": 2 * H},
+        "relu": {**PARAMS["variants"]["deep_tanh"], "nonlinearity": "relu"},
+    }
+    inputs = make_inputs(["deep_tanh"])
+    inputs.params = make_params(raw)
+    inputs.variants = list(raw["variants"])
+    for v in inputs.variants:
+        inputs.metrics[v] = metrics("deep_tanh")
+    pairs = {(c.a, c.b): rs.compared_knob(inputs, c.a, c.b) for c in rs.comparisons(inputs)}
+    assert pairs == {("deep_tanh", "shallow"): "depth", ("deep_tanh", "wide"): "width",
+                     ("deep_tanh", "relu"): "nonlinearity"}  # fmt: skip
 
 
 def test_summary_sentence_answers_with_the_paired_interval():
@@ -239,8 +307,7 @@ def test_summary_sentence_answers_with_the_paired_interval():
 
 def test_seeds_pair_by_value_and_variant_train_overrides_count():
     inputs = make_inputs()
-    inputs.params["variants"]["deep_bn"]["train"] = {"max_steps": 200_000,
-                                                     "lr_decay_step": 150_000}  # fmt: skip
+    with_train(inputs, "deep_bn", {"max_steps": 200_000, "lr_decay_step": 150_000})
     m = inputs.metrics["deep_tanh"]
     m["seeds"], m["per_seed"]["val"] = [SEEDS[1], SEEDS[0]], VAL["deep_tanh"][1::-1]
     c = rv.paired_by_seed(inputs, "deep_tanh", "deep_bn")
@@ -257,7 +324,7 @@ def test_no_or_one_deep_variant_gives_no_verdict_and_no_error(vs):
     assert rv.depth_comparisons(inputs) == []
     if "deep_bn" in vs:
         assert "no pair of deep variants" in rv.depth_sentence(inputs)
-        assert rd.deep_variants(inputs) == ["deep_bn"]
+        assert rv.deep_variants(inputs) == ["deep_bn"]
     else:
         assert rv.depth_sentence(inputs) == rv.deep_run_sentence(inputs) == ""
         assert rv.summary(inputs) == rs.summary_paragraph(inputs)
@@ -268,7 +335,8 @@ def test_no_or_one_deep_variant_gives_no_verdict_and_no_error(vs):
 
 def write_eval_dir(root: Path, inputs: rs.Inputs) -> None:
     """params.yaml, counts.json and each variant's evaluate outputs, from ``inputs``."""
-    (root / "params.yaml").write_text(yaml.safe_dump(inputs.params), encoding="utf-8")
+    text = yaml.safe_dump(params_yaml(inputs.params), sort_keys=False)
+    (root / "params.yaml").write_text(text, encoding="utf-8")
     (root / "processed").mkdir()
     counts = {"names": 100, "vocab_size": V, "block_size": 3, "windows": {"train": 80},
               "words": {"train": 80, "val": 10, "test": 10},
@@ -332,7 +400,7 @@ def sweep_runs() -> list:
     from tools import sweep_report as sr
 
     def params(bn: object, tanh: object) -> dict:
-        return {"train": {"seeds": [1, 2]}, "variants": {
+        return {"data": PARAMS["data"], "train": {"seeds": [1, 2]}, "variants": {
             "kaiming": {"gain": None}, "deep_bn": {"layers": 5, "batchnorm": True, "gain": bn},
             "deep_tanh": {"layers": 5, "gain": tanh}}}  # fmt: skip
 
@@ -360,12 +428,37 @@ def sweep_runs() -> list:
 
 
 def test_null_gains_read_as_calculate_gain():
-    from tools.sweep_depth import resolve_gains
+    from tools.sweep_report import flat_params
 
-    flat = {"variants.a.gain": None, "variants.b.gain": None, "variants.b.nonlinearity": "relu",
-            "variants.c.gain": 2.0, "train.lr": None}  # fmt: skip
-    assert resolve_gains(flat) == {**flat, "variants.a.gain": 5 / 3,
-                                   "variants.b.gain": math.sqrt(2)}  # fmt: skip
+    config = make_params({"data": PARAMS["data"], "variants": {
+        "a": {"gain": None}, "b": {"gain": None, "nonlinearity": "relu"}, "c": {"gain": 2.0},
+    }})  # fmt: skip
+    flat = flat_params(config)
+    assert flat["variants.a.gain"] == 5 / 3 and flat["variants.b.gain"] == math.sqrt(2)
+    assert flat["variants.c.gain"] == 2.0
+    assert "train.lr" not in flat  # the keys the file gives, typed (not every default)
+
+
+def test_sweep_leaves_out_runs_whose_params_no_longer_validate():
+    """An experiment of an older schema (here the one-layer keys w1_init, w2_scale that
+    VariantConfig no longer has) is listed as left out with the reason, not a crash."""
+    from tools import sweep_report as sr
+
+    old = {"data": PARAMS["data"], "variants": {"kaiming": {"w1_init": "kaiming"}}}
+    good = {"data": PARAMS["data"], "variants": {"kaiming": {"gain": 1.0}}}
+    rows = [
+        {"Experiment": None, "rev": "main", "typ": "baseline", "State": None},
+        {"Experiment": "old", "rev": "o" * 7, "typ": "branch_commit", "State": "Success"},
+    ]
+    table = {"main": good, "o" * 7: old}
+    metrics = {"kaiming": {"val": 2.1, "mean": {"val": 2.1}, "std": {"val": 0.01}}}
+    runs = sr.collect(rows, table.__getitem__, lambda rev: metrics)  # fmt: skip
+    assert runs[1].left_out.startswith("params do not validate against the current schema: ")
+    assert "variants.kaiming.w1_init" in runs[1].left_out and runs[1].metrics == {}
+    assert sr.not_plotted(runs) == "1 left out, params of an older schema (old)"
+    page = sr.render(runs)
+    assert "(left out)" in page and "variants.kaiming.w1_init" in page
+    assert sr.loss_table(runs)["experiment"].tolist() == ["main"]
 
 
 def test_gain_table_keeps_runs_that_change_only_that_variants_gain():
@@ -403,8 +496,145 @@ def test_no_verdict_when_the_deep_variants_trained_differently():
     """A user shortens one deep variant only (e.g. the lecture's 1,001-step run of
     deep_bn): the two are not comparable, and the summary must say so, not pair them."""
     inputs = make_inputs()
-    inputs.params["variants"]["deep_bn"]["train"] = {"max_steps": 1001}
+    with_train(inputs, "deep_bn", {"max_steps": 1001})
     text = rv.depth_sentence(inputs)
     assert "no verdict: deep_bn and deep_tanh trained differently" in text
     assert "deep_bn: 1,001 steps" in text and "deep_tanh: 2,000 steps" in text
     assert "beats" not in text
+    # the paired table keeps the pair but says so
+    assert rs.compared_knob(inputs, "deep_bn", "deep_tanh") == "BatchNorm (and trained differently)"
+
+
+# ---- params.yaml in every number spelling the stages accept ----------------------------------
+
+# YAML 1.2 (core schema, as DVC and pipeline.params read it) spellings of the numbers of
+# PARAMS, each a key of its own; integral floats are accepted where an int is expected
+# (``dvc exp run -S train.max_steps=2e3`` writes 2000.0). A YAML 1.1 reader (PyYAML)
+# reads 1e-1 and .5e-0 as strings, 042 as 34 and 0o7 as a string: the report must not.
+SPELLED = """\
+data:
+  url: https://example.invalid/names.txt
+  sha256: "{sha}"
+split:
+  seed: 042
+  train_frac: .8
+  val_frac: +0.10
+  block_size: +3
+model:
+  n_embd: 0xA
+  n_hidden: 2e2
+train:
+  seeds: [2147483647, 0o1, 2.0]
+  max_steps: 2e3
+  batch_size: 32.0
+  lr: 1e-1
+  lr_decay_step: 1.5e+3
+  lr_decayed: 1.0e-2
+  device: cpu
+  record_every: 1000.
+  kernels: exact
+evaluate:
+  probe_seed: 0o7
+  probe_size: 0x20
+  sample_seed: 2147483657
+  n_samples: 2e1
+  n_novelty: 1E3
+  curve_window: 1_000
+  saturation: [.97, 9.9e-1]
+variants:
+  naive: {{init: first_half, weight_scale: 1.}}
+  kaiming: {{init: first_half, gain: null}}
+  deep_bn: {{layers: 5, n_hidden: 8, gain: 1.0e0, batchnorm: true, batchnorm_output: true,
+            momentum: 1e-1, eps: .1e-4}}
+  deep_tanh: {{layers: 5., n_hidden: 0o10, gain: 1.6666666666666667}}
+report:
+  reference:
+    kaiming: {{init_loss: 3.3179, train: 2.0377, val: 2.107e0, test: null, tol: 1e-4}}
+"""
+
+
+def test_report_renders_params_in_every_yaml_number_spelling(tmp_path):
+    """A params.yaml that every stage accepts (pipeline.params.validate) must not break
+    the report: the report stage renders it, and shows the numbers the stages read."""
+    from pipeline.stages import report
+
+    inputs = make_inputs()
+    write_eval_dir(tmp_path, inputs)
+    spelled = tmp_path / "spelled.yaml"
+    spelled.write_text(SPELLED.format(sha="0" * 64), encoding="utf-8")
+    p = params_file.validate(spelled)  # every stage accepts it
+    assert (p.split.seed, p.model.n_embd, p.train.lr, p.train.max_steps) == (42, 10, 0.1, 2000)
+    assert p.train.seeds == SEEDS and p.evaluate.probe_seed == 7
+    assert p.variants["deep_tanh"].layers == LAYERS and p.variants["deep_tanh"].n_hidden == H
+    out = tmp_path / "out"
+    summary = report.report(
+        spelled, tmp_path / "eval", tmp_path / "processed", out / "metrics.json",
+        out / "report.ipynb", out / "report.html", list(p.variants), None,
+    )  # fmt: skip
+    assert list(summary) == list(p.variants)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Seeds per variant:</strong> 3 (the first, 2147483647" in page
+    assert "2,000 steps of batch 32, lr 0.1, then 0.01 from step 1,500" in page
+    assert "BatchNorm (<strong>deep_bn</strong>) beats no BatchNorm" in page
+
+
+# ---- saturation per nonlinearity ----------------------------------------------------------
+
+
+def nonlinear_inputs(kind: str) -> rs.Inputs:
+    """kaiming as a one-layer ``kind`` network, its probe activations summarised by
+    charlm.diagnostics.activation_summary as the evaluate stage does."""
+    from charlm.diagnostics import activation_summary
+
+    raw = copy.deepcopy(PARAMS)
+    raw["variants"] = {"kaiming": {**PARAMS["variants"]["kaiming"], "nonlinearity": kind}}
+    if kind == "gelu":
+        raw["variants"]["kaiming"]["gain"] = 1.0
+    inputs = make_inputs(["kaiming"])
+    inputs.params = make_params(raw)
+    g = torch.Generator().manual_seed(3)
+    layer = inputs.diagnostics["kaiming"].layers[0]
+    for when in ("init", "final"):
+        pre = 3 * torch.randn(S, 4, H, generator=g)
+        h = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid,
+             "linear": lambda x: x, "gelu": torch.nn.functional.gelu}[kind](pre)  # fmt: skip
+        summary = activation_summary(h, pre, (0.97,), kind)
+        layer.activations[when] = A.Activations(hpreact=pre, h=h, **summary)
+    return inputs
+
+
+@pytest.mark.parametrize("kind", ["tanh", "sigmoid", "relu", "linear", "gelu"])
+def test_saturation_follows_the_nonlinearity(kind):
+    from reporting import figures as rf
+    from reporting import tables as rt
+
+    inputs = nonlinear_inputs(kind)
+    (row, _) = rt.activation_rows(inputs)
+    rule = {"tanh": "|h| > t", "sigmoid": "|2h − 1| > t", "relu": "h = 0"}.get(kind)
+    assert row["saturated when"] == (rule or f"no saturation for {kind}")
+    if kind == "relu":
+        assert "share zero (relu)" in row and not any(k.startswith("share sat") for k in row)
+    elif rule is None:  # nothing counted: no 0 % shown, no dead units
+        assert not any(k.startswith("share") or k.startswith("dead") for k in row)
+    text = rs.dead_units_sentence(inputs)
+    assert (f"no saturation for {kind}" in text) == (rule is None)
+    assert ("never fire" in text) == (kind == "relu")
+    fig, notes = rf.activation_figure(inputs, "kaiming")
+    assert notes == []
+    hists = [ax for ax in fig.axes if ax.get_xlabel().startswith("h (")]
+    assert len(fig.axes) == (2 if rule is None else 4) and len(hists) == 2
+    h = inputs.diagnostics["kaiming"].layers[0].activations["init"].h[0]
+    for ax in fig.axes:  # every panel's axes are labelled
+        assert ax.get_xlabel() and ax.get_ylabel()
+    lo, hi = hists[0].get_xlim()  # the range follows the data, not [-1, 1]
+    assert lo <= h.min().item() and hi >= h.max().item()
+    if kind in ("relu", "linear", "gelu"):
+        assert hi > 1.5
+    images = [ax for ax in fig.axes if ax not in hists]
+    if kind == "relu":
+        assert (
+            images[0].get_title().startswith("h = 0 at init")
+            and "never fire" in images[0].get_title()
+        )
+    if rule is None:
+        assert f"no saturation for {kind}" in fig._suptitle.get_text()

@@ -29,6 +29,7 @@ from support import run, strict_json
 from charlm import artefacts
 from charlm.diagnostics import activation_summary
 from pipeline import outputs
+from pipeline import params as params_file
 from pipeline.stages import report
 from pipeline.stages.evaluate import summarise
 from reporting import intervals as report_intervals
@@ -39,7 +40,7 @@ SECTIONS = (
     "Paired comparisons of the validation loss", "Training loss", "Loss at step 0",
     "Hidden activations on a fixed probe batch", "Gradients at initialisation",
     "Update:data ratio over training", "BatchNorm: running statistics vs calibrated ones",
-    "Samples", "Parameters used",
+    "Layer by layer during training", "Samples", "Parameters used",
 )  # fmt: skip
 # Offline and quiet: no background services, updates, first-run pages or GPU.
 CHROMIUM_FLAGS = [
@@ -255,6 +256,28 @@ def tiny(tmp_path_factory, tiny_run, repo_env):
     return root, dict(repo_env)
 
 
+def expected_figures(root: Path) -> int:
+    """The figures the report of the run in ``root`` draws, from its params and records:
+    seeds and curves (2), gradients at init and update ratios (2), then per variant one
+    activation figure per hidden layer, one running-vs-calibrated figure when it has
+    BatchNorm (every module in it) and, with snapshots, 4 layer-by-layer figures
+    (activations, gradients, weight gradients, update ratio)."""
+    n = 2 + 2
+    for v in params_file.validate(root / "params.yaml").variants:
+        d = load_records(root / "data" / "eval" / v / "diagnostics.pt")
+        n += len(d.layers) + (d.batchnorm is not None) + (4 if d.snapshots else 0)
+    return n
+
+
+def short_of_snapshot(root: Path) -> list[str]:
+    """The variants of ``root``'s run without the lecture's step-1,000 snapshot."""
+    variants = params_file.validate(root / "params.yaml").variants
+    snaps = {
+        v: load_records(root / "data" / "eval" / v / "diagnostics.pt").snapshots for v in variants
+    }
+    return [v for v in variants if "snapshot" not in (snaps[v] or {})]
+
+
 def render_cli(root: Path, eval_dir: Path, out: Path, check: bool = True):
     """Run the report stage by hand on ``eval_dir``, writing into ``out``."""
     return run(
@@ -310,21 +333,18 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     assert "<script src=" not in text and 'href="http' not in text
     visit = browser(page)
     assert_complete_page(visit)
-    # 2 figures (seeds, curves) + an activation figure per hidden layer (1 for each of
-    # the 3 one-layer variants, 5 for each of the 2 deep ones) + gradients + update ratio
-    # + one-layer BatchNorm + 4 per deep variant (activations, gradients, weight
-    # gradients, update ratio, layer by layer): 2 + 13 + 3 + 8
-    assert len(visit.images) == 26
+    assert len(visit.images) == expected_figures(root)
     summary = visit.text.split("This run")[0]
     assert "reaches the lowest mean validation loss" in summary
     # 300 steps cannot reach the published numbers, and the summary says why
     assert "Outside the tolerance: naive, kaiming, batchnorm." in " ".join(summary.split())
-    # the tiny run stops before the lecture's snapshot step (1,000): the deep figures say
-    # so for that moment (and draw the final step); nothing else may be left undrawn
+    # the tiny run stops before the lecture's snapshot step (1,000): the layer-by-layer
+    # figures say so for that moment (and draw the final step); nothing else may be left
+    # undrawn
     short = "snapshot: not recorded (the run is shorter than the lecture's step)."
     undrawn = re.findall(r"Not drawn: [^\n]*", visit.text)
     assert sorted(undrawn) == sorted(
-        f"Not drawn: {v}, {short}" for v in ("deep_bn", "deep_tanh") for _ in (0, 1, 2)
+        f"Not drawn: {v}, {short}" for v in short_of_snapshot(root) for _ in (0, 1, 2)
     ), undrawn
     header = visit.text.split("This run")[1].split("Split losses beside")[0]
     for stage in ("download", "split", "train@kaiming", "evaluate@batchnorm"):

@@ -19,9 +19,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
-import torch
-
-from charlm.config import NONLINEARITIES
 
 GLOBAL_SECTIONS = ("data", "split", "model", "train", "evaluate")  # affect every variant
 
@@ -29,18 +26,12 @@ GLOBAL_SECTIONS = ("data", "split", "model", "train", "evaluate")  # affect ever
 def numeric(key: str, value: Any) -> float | None:
     """``value`` as a number for an axis, or None.
 
-    Strings in scientific notation (``'1e-3'``, as YAML 1.1 and ``dvc exp run -S`` leave
-    them) are numbers; a named gain becomes its value (``'tanh'``: 5/3).
+    The runs' params are validated (``tools.sweep_report.flat_params``), so a number
+    is a number; a string is not (a name such as 'tanh' is a category). ``key`` is kept
+    for the callers (every key is read the same way).
     """
     if isinstance(value, (bool, int, float)):
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-        if key.endswith(".gain") and value in NONLINEARITIES:
-            return float(torch.nn.init.calculate_gain(value))  # old runs named the gain
     return None
 
 

@@ -25,8 +25,11 @@ from typing import Any
 
 import pandas as pd
 from dvc.exceptions import DvcException
+from pydantic import ValidationError
 
+from charlm.config import Params
 from pipeline import outputs
+from pipeline import params as params_file
 from tools import sweep_depth
 from tools.sweep_figures import affected, figure, solo_keys, swept_keys
 
@@ -47,6 +50,8 @@ class Run:
     params: dict[str, Any] = field(default_factory=dict)  # flat: 'variants.kaiming.gain'
     metrics: dict[str, dict] = field(default_factory=dict)  # variant -> metrics.json entry
     error: str | None = None
+    config: Params | None = None  # the validated params (None: unreadable or invalid)
+    left_out: str | None = None  # why its params do not validate (an older schema)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -59,6 +64,31 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def invalid_reason(exc: ValidationError, limit: int = 2) -> str:
+    """A short reason why a run's params do not validate: its first errors' keys."""
+    errors = exc.errors()
+    parts = [
+        f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in errors[:limit]
+    ]
+    more = f" (+{len(errors) - limit} more)" if len(errors) > limit else ""
+    return "params do not validate against the current schema: " + "; ".join(parts) + more
+
+
+def flat_params(config: Params) -> dict[str, Any]:
+    """The validated ``config`` as flat params: the keys the run's params.yaml gives
+    (typed as the stages read them: ``1e-1`` a float, ``2e5`` an int where one is
+    expected), and every variant's gain as its value (``VariantConfig.gain_value``: a
+    null or absent gain is calculate_gain(nonlinearity), a point on the gain axis;
+    null for gelu without a gain, which it then does not use)."""
+    flat = flatten(config.model_dump(mode="json", exclude_unset=True))
+    for name, v in config.variants.items():
+        try:
+            flat[f"variants.{name}.gain"] = v.gain_value
+        except ValueError:
+            flat[f"variants.{name}.gain"] = None
+    return flat
+
+
 def collect(rows: list[dict], params_of: Lookup, metrics_of: Lookup) -> list[Run]:
     """Runs from ``dvc.api.exp_show()`` rows, with their params and metrics looked up.
 
@@ -66,9 +96,11 @@ def collect(rows: list[dict], params_of: Lookup, metrics_of: Lookup) -> list[Run
     ``State``, ...); the workspace row is skipped (it repeats the baseline or an applied
     experiment). An experiment run outside the queue has no state: it finished. Params are
     read for every run (a queued one's are those it will run with), metrics only for
-    finished runs: a failed or queued experiment would show its baseline's. A null gain
-    is read as its value (``tools.sweep_depth.resolve_gains``). A lookup that raises
-    leaves the run without those values and with the error.
+    finished runs: a failed or queued experiment would show its baseline's. Params are
+    validated as the stages validate them (``pipeline.params.parse``) and kept flat
+    (``flat_params``); a run whose params do not validate (an older schema) is left out
+    with the reason (``Run.left_out``) and without metrics. A lookup that raises leaves
+    the run without those values and with the error.
     """
     runs = []
     for row in rows:
@@ -78,7 +110,14 @@ def collect(rows: list[dict], params_of: Lookup, metrics_of: Lookup) -> list[Run
         state = "baseline" if baseline else str(row.get("State") or "success").lower()
         run = Run(row.get("Experiment") or str(row["rev"]), str(row["rev"]), baseline, state)
         try:
-            run.params = sweep_depth.resolve_gains(flatten(params_of(run.rev)))
+            raw = params_of(run.rev)
+            try:
+                run.config = params_file.parse(raw)
+            except ValidationError as exc:
+                run.left_out = invalid_reason(exc)
+                runs.append(run)
+                continue
+            run.params = flat_params(run.config)
             if state in FINISHED:
                 metrics = metrics_of(run.rev)
                 run.metrics = {v: m for v, m in metrics.items() if isinstance(m, dict)}
@@ -119,6 +158,9 @@ def not_plotted(runs: list[Run]) -> str:
     unread = [r.name for r in runs if r.state in FINISHED and r.error]
     if unread:
         parts.append(f"{len(unread)} unreadable ({', '.join(unread)})")
+    old = [r.name for r in runs if r.state in FINISHED and not r.error and r.left_out]
+    if old:
+        parts.append(f"{len(old)} left out, params of an older schema ({', '.join(old)})")
     return ", ".join(parts)
 
 
@@ -126,7 +168,7 @@ def loss_table(runs: list[Run], metric: str = "val") -> pd.DataFrame:
     """One row per finished run and variant: the loss, its mean and std over seeds."""
     rows = []
     for run in runs:
-        if run.state not in FINISHED or run.error:
+        if run.state not in FINISHED or run.error or run.left_out:
             continue
         for variant, m in run.metrics.items():
             mean = (m.get("mean") or {}).get(metric)
@@ -183,18 +225,19 @@ def _cell(m: dict | None, metric: str) -> str:
 
 def experiments_frame(runs: list[Run], variants: list[str], metric: str) -> pd.DataFrame:
     """Every run: its state, the overrides from the baseline, the losses, any error."""
-    base = next((r.params for r in runs if r.baseline), {})
+    base = next((r.params for r in runs if r.baseline and not r.left_out), {})
     rows = []
     for run in runs:
-        shown = run.state in FINISHED
+        shown = run.state in FINISHED and not run.left_out
+        changed = "(baseline)" if run.baseline else changes(base, run.params)
         rows.append(
             {
                 "experiment": run.name,
                 "rev": run.rev[:7],
                 "state": run.state,
-                "changed": "(baseline)" if run.baseline else changes(base, run.params),
+                "changed": "(left out)" if run.left_out else changed,
                 **{v: _cell(run.metrics.get(v), metric) if shown else "" for v in variants},
-                "error": run.error or "",
+                "error": run.error or run.left_out or "",
             }
         )
     frame = pd.DataFrame(rows)
@@ -216,11 +259,11 @@ def render(runs: list[Run], metric: str = "val") -> str:
     """The HTML page for ``runs`` (see the module docstring)."""
     table = loss_table(runs, metric)
     variants = list(dict.fromkeys(table["variant"])) if not table.empty else []
-    done = [r for r in runs if r.state in FINISHED and not r.error]
+    done = [r for r in runs if r.state in FINISHED and not r.error and not r.left_out]
     differing = swept_keys([r.params for r in done])
     keys = [k for k in solo_keys([r.params for r in done], differing) if affected(k, variants)]
     held = [k for k in differing if k not in keys]
-    base = next((r.params for r in runs if r.baseline), {})
+    base = next((r.params for r in runs if r.baseline and not r.left_out), {})
     parts = [
         f"<p>{len(done) - sum(r.baseline for r in done)} finished experiment(s) on "
         f"{sum(r.baseline for r in done)} baseline commit(s); {metric} loss in nats, "
@@ -236,7 +279,8 @@ def render(runs: list[Run], metric: str = "val") -> str:
             f'<p class="missing"><b>Not plotted: {html.escape(missing)}.</b> Queued and '
             "running experiments have no final metrics yet (<code>dvc queue status</code>; "
             "render this page again when the queue is empty); see why one failed with "
-            "<code>dvc queue logs &lt;name&gt;</code>.</p>"
+            "<code>dvc queue logs &lt;name&gt;</code>. Runs left out have params that no "
+            "longer validate (the table's <i>error</i> column says why).</p>"
         )
     if held:
         parts.append(
@@ -271,7 +315,7 @@ def render(runs: list[Run], metric: str = "val") -> str:
 
 def summary(runs: list[Run], out: Path) -> str:
     """The line printed after writing ``out``."""
-    n = sum(r.state == "success" and not r.error for r in runs)
+    n = sum(r.state == "success" and not r.error and not r.left_out for r in runs)
     line = f"wrote {out}: {n} finished experiment(s), {sum(r.baseline for r in runs)} baseline(s)"
     missing = not_plotted(runs)
     return f"{line}; not plotted: {missing}" if missing else line

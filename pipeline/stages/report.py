@@ -155,8 +155,9 @@ def _build_font_cache(env: dict[str, str]) -> None:
 
 def gather(eval_dir: Path, variants: list[str]) -> dict:
     """reports/metrics.json: variant -> canonical split losses, init_loss, mean, std,
-    parameters per model (``n_params``) and, for a deep variant, ``depth`` (per-layer
-    statistics at the lecture's snapshot step and at the end, seed means)."""
+    parameters per model (``n_params``) and ``depth`` (the first and last hidden
+    layers' statistics at the lecture's snapshot step and at the end, seed means; every
+    variant since diagnostics format 6, absent from older metrics)."""
     out = {}
     for v in variants:
         m = json.loads((eval_dir / v / "metrics.json").read_text(encoding="utf-8"))
