@@ -17,13 +17,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Names accepted by torch.nn.init.calculate_gain without an extra parameter (old runs
-# wrote a gain as such a name; the sweep report still reads them).
-NONLINEARITIES = (
-    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-    "conv_transpose3d", "sigmoid", "tanh", "relu", "selu",
-)  # fmt: skip
-
 
 # Momentum above this is almost surely meant in the Keras convention (see advice()).
 MOMENTUM_WARN = 0.5
