@@ -48,6 +48,17 @@ TINY["variants"] = {
 TINY_RUN: dict[str, Any] = {**TINY, "evaluate": {**TINY["evaluate"], "curve_window": 50}}
 
 
+# The lecture's names of its one-layer network (reference.lecture.lecture_train),
+# keyed by 'has BatchNorm' -> the layer-list MLP's parameter names:
+# Linear 0 -> [BatchNorm1d 1] -> Tanh -> output Linear (layer 2, or 3 after a BatchNorm).
+LECTURE_NAMES = {
+    False: {"C": "C", "W1": "layers.0.weight", "b1": "layers.0.bias",
+            "W2": "layers.2.weight", "b2": "layers.2.bias"},
+    True: {"C": "C", "W1": "layers.0.weight", "W2": "layers.3.weight", "b2": "layers.3.bias",
+           "bngain": "layers.1.gamma", "bnbias": "layers.1.beta"},
+}  # fmt: skip
+
+
 def strict_json(path: Path) -> dict:
     """Parse JSON refusing NaN/Infinity tokens (invalid JSON DVC could not compare)."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import LECTURE_NAMES
 from torch.testing import assert_close
 
 from charlm import engine
@@ -26,13 +27,6 @@ from reference.lecture import lecture_train
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 2147483647
 VARIANTS = ("naive", "kaiming", "batchnorm")
-# The lecture's names (reference.lecture.lecture_train) -> the MLP's parameter names.
-LECTURE_NAMES = {
-    False: {"C": "C", "W1": "layers.0.weight", "b1": "layers.0.bias",
-            "W2": "layers.2.weight", "b2": "layers.2.bias"},
-    True: {"C": "C", "W1": "layers.0.weight", "W2": "layers.3.weight", "b2": "layers.3.bias",
-           "bngain": "layers.1.gamma", "bnbias": "layers.1.beta"},
-}  # fmt: skip
 # Loss of the canonical seed's first minibatch, before any update (DESIGN.md).
 STEP0_LOSS = {"naive": 27.8817, "kaiming": 3.3179, "batchnorm": 3.3239}
 

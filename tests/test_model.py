@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import LECTURE_NAMES
 from torch.testing import assert_close
 
 from charlm.config import ModelConfig, VariantConfig
@@ -24,14 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 2147483647
 VARIANTS = ("naive", "kaiming", "batchnorm")
 V, T, E, H = 27, 3, 10, 200
-# The lecture's names of the one-layer network -> the layer-list MLP's parameter names:
-# Linear 0 -> [BatchNorm1d 1] -> Tanh -> output Linear (layer 2, or 3 after a BatchNorm).
-LECTURE_NAMES = {
-    False: {"C": "C", "W1": "layers.0.weight", "b1": "layers.0.bias",
-            "W2": "layers.2.weight", "b2": "layers.2.bias"},
-    True: {"C": "C", "W1": "layers.0.weight", "W2": "layers.3.weight", "b2": "layers.3.bias",
-           "bngain": "layers.1.gamma", "bnbias": "layers.1.beta"},
-}  # fmt: skip
 
 
 def variant_config(name: str) -> VariantConfig:
