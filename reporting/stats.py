@@ -403,6 +403,33 @@ def duplicates_sentence(counts: dict) -> str:
     )
 
 
+def training_words(inputs: Inputs) -> str:
+    """The run header's seeds and length (markdown): one statement when every variant
+    trained alike, else each group of variants with its own seeds and steps (the global
+    ``train`` section with the variant's own ``train`` keys), so that the header never
+    claims a length or seed count that a variant did not have."""
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    for v in inputs.variants:
+        t = train_of(inputs, v)
+        groups.setdefault((len(t.seeds), t.max_steps, t.batch_size), []).append(v)
+    lecture = inputs.params.train.seeds[0]
+    if len(groups) == 1:
+        ((n, steps, batch),) = groups
+        return (
+            f"**Seeds per variant:** {n} (the first, {lecture}, is the lecture's). "
+            f"**Training:** {steps:,} steps of batch {batch}."
+        )
+    parts = [
+        f"{', '.join(vs)}: {n} seed{'s' if n != 1 else ''} × {steps:,} steps of batch {batch}"
+        for (n, steps, batch), vs in groups.items()
+    ]
+    return (
+        "**Seeds and training per variant** (the global `train` section with each "
+        "variant's own `train` keys): " + "; ".join(parts) + f". The seed {lecture} is the "
+        "lecture's."
+    )
+
+
 # ---- what saturation means per nonlinearity (charlm.diagnostics.saturated) ------------
 
 

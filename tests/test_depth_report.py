@@ -294,8 +294,8 @@ def test_summary_sentence_answers_with_the_paired_interval():
         "seeds, after 2,000 steps of batch 32, lr 0.1, then 0.01 from step 1,500." in text
     )
     assert (
-        "The deep variants ran deep_bn 2,000 steps (lr 0.1, then 0.01 from step 1,500), 3 seeds"
-        in text
+        "The deep variants ran deep_bn, deep_tanh 2,000 steps (lr 0.1, then 0.01 from step "
+        "1,500), 3 seeds" in text  # variants that trained alike: one group
     )
     assert (
         "`dvc exp run -S ++variants.deep_bn.train.max_steps=200000 "
