@@ -20,6 +20,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from reporting.stats import (
     SPLITS,
@@ -71,7 +72,7 @@ def layer_colorbar(fig: Figure, ax, n: int, label: str = "hidden layer") -> None
     from matplotlib.colors import Normalize
 
     sm = ScalarMappable(norm=Normalize(1, max(n, 2)), cmap=LAYER_CMAP)
-    fig.colorbar(sm, ax=ax, label=label, pad=0.01)
+    fig.colorbar(sm, ax=ax, label=label, pad=0.01, ticks=MaxNLocator(integer=True))
 
 
 def legend_outside(ax, **kw) -> None:
@@ -275,6 +276,58 @@ def seed_points(inputs: Inputs) -> Drawn:
         ax.tick_params(axis="x", labelrotation=30)  # five and more names would overlap
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig, notes
+
+
+def knob_figure(inputs: Inputs, split: str = "val") -> Drawn:
+    """One panel per family of ``reporting.stats.knob_families``: the ``split`` loss of
+    every seed (small points) and its mean (large) against the knob's value (depth and
+    width on a numeric axis), coloured by training schedule so that runs of different
+    lengths or seed counts are not read as one curve."""
+    from reporting.stats import knob_families, knob_value, schedule
+
+    families = knob_families(inputs)
+    if not families:
+        return None, [Note("no variants differ in one architecture knob only.")]
+    fig, flat = _grid(len(families), 6.5, 3.6, ncols=2)
+    notes = []
+    for ax, (knob, vs) in zip(flat, families, strict=True):
+        numeric = knob in ("depth", "width")
+        values = [knob_value(inputs, v, knob) for v in vs]
+        order = sorted(set(values), key=lambda x: float(x) if numeric else values.index(x))
+        pos = {x: (float(x) if numeric else i) for i, x in enumerate(order)}
+        scheds = list(dict.fromkeys(schedule(inputs, v) for v in vs))
+        for j, sched in enumerate(scheds):
+            members = [v for v in vs if schedule(inputs, v) == sched]
+            xs, means = [], []
+            for v in members:
+                x = pos[knob_value(inputs, v, knob)]
+                ys = [y for y in inputs.metrics[v]["per_seed"][split]
+                      if y is not None and math.isfinite(y)]  # fmt: skip
+                if not ys:
+                    notes.append(Note(f"{v}: no finite {split} loss (every seed diverged).", True))
+                    continue
+                ax.scatter([x] * len(ys), ys, s=10, alpha=0.5, color=f"C{j}")
+                xs.append(x)
+                means.append(float(np.mean(ys)))
+            if xs:
+                order_x = np.argsort(xs)
+                ax.plot(np.array(xs)[order_x], np.array(means)[order_x], marker="o", ms=7,
+                        color=f"C{j}", label=sched)  # fmt: skip
+        for v in vs:  # name every point
+            x = pos[knob_value(inputs, v, knob)]
+            ys = [y for y in inputs.metrics[v]["per_seed"][split] if y is not None]
+            if ys:
+                ax.annotate(v, (x, max(ys)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if not numeric:
+            ax.set_xticks(range(len(order)), order, fontsize=8)
+        elif knob == "depth":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("hidden layers" if knob == "depth" else knob)
+        ax.set_ylabel(f"{split} loss (nats)")
+        ax.set_title(f"{split} loss by {knob} (seeds: small points)", fontsize=10)
+        legend_outside(ax, title="training") if len(scheds) > 1 else None
     fig.tight_layout()
     return fig, notes
 
@@ -489,11 +542,14 @@ def activation_depth_figure(inputs: Inputs, v: str) -> Drawn:
         fig.colorbar(im, ax=ax, label="share of the layer's h", pad=0.01)
         ax.set_xlabel(f"h ({kind} output)")
         ax.set_ylabel("hidden layer")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"h per layer at {when} (seed #{s})", fontsize=10)
         ax.grid(False)
         if any(x.size == 0 for x in values[when]):
             notes.append(Note(f"{v}, {when}: some layers have no finite h (blank rows).", True))
     idx = np.arange(1, L + 1)
+    for ax in axes[2:]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for when, s in seeds.items():
         stds = [float(x.std()) if x.size else np.nan for x in values[when]]
         axes[2].plot(idx, stds, marker="o", ms=3, label=f"{when} (seed #{s})")
