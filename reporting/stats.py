@@ -265,7 +265,9 @@ def knob_rows(inputs: Inputs, split: str = "val") -> list[dict]:
     variant with the knob's value, its training and its loss over seeds."""
     rows = []
     for knob, vs in knob_families(inputs):
-        alike = all(same_training(inputs, vs[0], v) for v in vs)
+        alike = len({schedule(inputs, v) for v in vs}) == 1 and all(
+            same_training(inputs, vs[0], v) for v in vs
+        )
         for v in vs:
             rows.append({
                 "varies": knob, "value": knob_value(inputs, v, knob), "variant": v,

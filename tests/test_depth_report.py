@@ -526,6 +526,11 @@ def test_sweep_page_keeps_short_gain_runs_on_a_curve_of_their_own():
     assert "wide for deep_tanh: it changes variants.deep_tanh.n_hidden besides the gain" in page
     experiments = page.split("<h2>Experiments</h2>")[1]
     assert experiments.count("+variants.relu5=") == 1  # said once above the table
+    # the baseline's kaiming (1 layer) and deep_tanh (5) differ in depth only
+    arch = sr.architecture_frame(out)
+    depth = arch[(arch.experiment == "main") & (arch.varies == "depth")]
+    assert depth[["value", "variant"]].values.tolist() == [["1", "kaiming"], ["5", "deep_tanh"]]
+    assert "<h2>By architecture</h2>" in page
 
 
 def test_no_verdict_when_the_deep_variants_trained_differently():

@@ -262,6 +262,36 @@ def experiments_frame(runs: list[Run], variants: list[str], metric: str) -> pd.D
     return frame.drop(columns="error") if "error" in frame and not frame["error"].any() else frame
 
 
+def architecture_frame(runs: list[Run], metric: str = "val") -> pd.DataFrame:
+    """The by-architecture view of every finished run: per run, the families of variants
+    that differ in one knob only (``reporting.stats.knob_families``: depth, width,
+    nonlinearity or BatchNorm, init recipe alike), one row per variant with the knob's
+    value, its training (length x seeds; '(differs)' when the family's do) and its
+    ``metric`` loss, mean ± std over seeds, as in the report's *By architecture*."""
+    from types import SimpleNamespace
+
+    from reporting import stats as rs
+
+    rows = []
+    for run in runs:
+        if run.state not in FINISHED or run.error or run.left_out or run.config is None:
+            continue
+        names = [v for v in run.config.variants if v in run.metrics]
+        view = SimpleNamespace(params=run.config, variants=names, metrics=run.metrics)
+        for knob, vs in rs.knob_families(view):
+            alike = len({rs.schedule(view, v) for v in vs}) == 1 and all(
+                rs.same_training(view, vs[0], v) for v in vs
+            )
+            for v in vs:
+                rows.append({
+                    "experiment": run.name, "varies": knob,
+                    "value": rs.knob_value(view, v, knob), "variant": v,
+                    "training": rs.schedule(view, v) + ("" if alike else " (differs)"),
+                    f"{metric} loss": _cell(run.metrics.get(v), metric),
+                })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}
@@ -324,6 +354,15 @@ def render(runs: list[Run], metric: str = "val") -> str:
     depth = sweep_depth.section(runs, metric)
     if depth:
         parts.append(depth)
+    arch = architecture_frame(runs, metric)
+    if not arch.empty:
+        parts.append(
+            "<h2>By architecture</h2>\n<p>Within each run, variants whose networks and "
+            "init recipes are the same but for one knob (depth, width, nonlinearity or "
+            "BatchNorm), as in the report's <i>By architecture</i>; <i>(differs)</i> marks "
+            "a family whose runs differ in length or seeds, whose losses are not "
+            "comparable as they stand.</p>\n" + arch.to_html(index=False, escape=True)
+        )
     frame = experiments_frame(runs, variants, metric)
     parts.append("<h2>Experiments</h2>")
     common = common_changes(runs)
