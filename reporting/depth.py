@@ -18,7 +18,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from charlm.artefacts import Snapshot
-from reporting.figures import Drawn, Note, _blank, _finite_np
+from reporting.figures import (
+    LEGEND_MAX,
+    Drawn,
+    Note,
+    _blank,
+    _finite_np,
+    layer_colorbar,
+    layer_colors,
+    legend_outside,
+)
 from reporting.stats import (
     Inputs,
     first_good_seed,
@@ -66,20 +75,35 @@ def _step_words(when: str, snap: Snapshot) -> str:
 
 
 def _lines(ax, series: list[tuple[str, np.ndarray]], title: str, xlabel: str) -> list[str]:
-    """Density histograms as lines on ``ax``, shared bins; returns the labels not drawn."""
-    drawable = [(label, x) for label, x in series if x.size and np.ptp(x) > 0]
+    """Density histograms as lines on ``ax``, shared bins; returns the labels not drawn.
+
+    Up to LEGEND_MAX series: the lecture's colours and a legend right of the panel;
+    more (a deep net): colours along a sequential colormap in layer order and a colour
+    bar over the series' index instead of a legend."""
+    drawable = [(i, label, x) for i, (label, x) in enumerate(series) if x.size and np.ptp(x) > 0]
     skipped = [label for label, x in series if not (x.size and np.ptp(x) > 0)]
     if not drawable:
         return skipped
-    edges = np.histogram_bin_edges(np.concatenate([x for _, x in drawable]), bins=BINS)
-    for label, x in drawable:
+    many = len(series) > LEGEND_MAX
+    colors = layer_colors(len(series)) if many else [None] * len(series)
+    edges = np.histogram_bin_edges(np.concatenate([x for _, _, x in drawable]), bins=BINS)
+    for i, label, x in drawable:
         hy, hx = np.histogram(x, bins=edges, density=True)
-        ax.plot(hx[:-1], hy, label=label)
+        ax.plot(hx[:-1], hy, label=label, color=colors[i], lw=1 if many else 1.5)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
-    ax.legend(fontsize=8)
+    if many:
+        layer_colorbar(ax.figure, ax, len(series), _index_label(series))
+    else:
+        legend_outside(ax)
     return skipped
+
+
+def _index_label(series: list[tuple[str, np.ndarray]]) -> str:
+    """The colour bar's label: hidden layers, or weight matrices (C, W1, ...)."""
+    first = series[0][0]
+    return "hidden layer" if first.startswith("layer") else "weight matrix (1: C, 2: W1, ...)"
 
 
 def _per_moment(inputs: Inputs, v: str, what: str, series_of, xlabel: str) -> Drawn:
@@ -177,14 +201,16 @@ def update_ratio_lines(inputs: Inputs, v: str) -> Drawn:
     fig, ax = plt.subplots(figsize=(15, 3.6))
     drawn, notes = 0, []
     labels = weight_labels(d.weights)
+    named = [(n, w) for n, w in d.weights.items() if w.update_ratio is not None]
+    many = len(named) > LEGEND_MAX
+    colors = layer_colors(len(named)) if many else [None] * len(named)
     if seed is not None:
-        for name, w in d.weights.items():
-            if w.update_ratio is None:
-                continue
+        for (name, w), color in zip(named, colors, strict=True):
             y = w.update_ratio[:, seed].double().numpy()  # (R,)
             ok = np.isfinite(y)
             if ok.any():
-                ax.plot(steps[ok], y[ok], label=labels[name], marker="o" if ok.sum() < 5 else None)
+                ax.plot(steps[ok], y[ok], label=None if many else labels[name], color=color,
+                        marker="o" if ok.sum() < 5 else None)  # fmt: skip
                 drawn += 1
     if not drawn:
         plt.close(fig)
@@ -194,7 +220,9 @@ def update_ratio_lines(inputs: Inputs, v: str) -> Drawn:
     ax.set_xlabel("step")
     ax.set_ylabel("log10 update:data")
     ax.set_title(f"{v}: update:data ratio over training (seed #{seed})", fontsize=10)
-    ax.legend(fontsize=8, ncols=2)
+    if many:
+        layer_colorbar(fig, ax, len(named), "weight matrix (1: C, 2: W1, ...)")
+    legend_outside(ax, ncols=1 if many else 2)
     fig.tight_layout()
     return fig, notes
 
@@ -214,7 +242,10 @@ def activation_rows(inputs: Inputs, v: str) -> list[dict]:
                 "when": f"{when} (step {snap.step:,})", "layer": hidden_label(i, x.kind),
                 "mean": fmt_2(x.mean, "+"), "std": fmt_2(x.std),
                 "saturated when": no_saturation(x.kind) if rule is None else rule,
-                "% saturated": "–" if rule is None else fmt_pct(x.saturated),
+                # relu's flat part is zero: its share of exact zeros, named as such
+                ("% zero" if x.kind == "relu" else "% saturated"): (
+                    "–" if rule is None else fmt_pct(x.saturated)
+                ),
             })  # fmt: skip
     return rows
 

@@ -20,6 +20,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from reporting.stats import (
     SPLITS,
@@ -45,6 +46,45 @@ class Note:
 
 Drawn = tuple[Figure | None, list[Note]]
 H_BINS = 50  # histogram bins of the activations; their range follows the data
+# Up to this many hidden layers a variant gets the lecture's figures, one per hidden
+# layer (the lecture's nets have 1 and 5); deeper ones get one figure of every layer
+# (``activation_depth_figure``), so that the report's cost and length do not grow with
+# hidden layers x variants.
+PER_LAYER_MAX = 6
+LEGEND_MAX = 10  # more series than this: a colour bar over layer index, no legend
+LAYER_CMAP = "viridis"  # sequential: distinct layers never share a colour
+
+
+def per_layer(inputs: Inputs, v: str) -> bool:
+    """Whether variant ``v`` is drawn one figure per hidden layer (<= PER_LAYER_MAX)."""
+    return len(inputs.diagnostics[v].layers) <= PER_LAYER_MAX
+
+
+def layer_colors(n: int) -> list:
+    """``n`` distinct colours of LAYER_CMAP, input side first."""
+    cmap = plt.get_cmap(LAYER_CMAP)
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def layer_colorbar(fig: Figure, ax, n: int, label: str = "hidden layer") -> None:
+    """A colour bar numbering ``n`` series 1..n (the colours of ``layer_colors``)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    sm = ScalarMappable(norm=Normalize(1, max(n, 2)), cmap=LAYER_CMAP)
+    fig.colorbar(sm, ax=ax, label=label, pad=0.01, ticks=MaxNLocator(integer=True))
+
+
+def legend_outside(ax, **kw) -> None:
+    """The legend right of the axes, off the data."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, **kw)
+
+
+def hist(ax, values: np.ndarray, bins, **kw) -> None:
+    """A density histogram (numpy + stairs: several times faster than seaborn's)."""
+    density, edges = np.histogram(values, bins=bins, density=True)
+    ax.stairs(density, edges, fill=True, alpha=0.6, **kw)
+    ax.stairs(density, edges, color=kw.get("color", "C0"))
 
 
 def setup() -> None:
@@ -87,6 +127,17 @@ def _blank(ax, text: str) -> None:
     )
 
 
+def _grid(n: int, width: float, height: float, ncols: int = 4):
+    """A figure of ``n`` panels in rows of at most ``ncols``; unused panels hidden."""
+    cols = min(n, ncols)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_axis_off()
+    return fig, flat[:n]
+
+
 def _finite_np(x: torch.Tensor | list) -> np.ndarray:
     a = np.asarray(x.detach().double().cpu() if isinstance(x, torch.Tensor) else x, float)
     return a[np.isfinite(a)]
@@ -95,8 +146,25 @@ def _finite_np(x: torch.Tensor | list) -> np.ndarray:
 # ---- training loss ------------------------------------------------------------------
 
 
+def length_groups(inputs: Inputs) -> list[tuple[int, list[str]]]:
+    """The variants grouped by run length (``max_steps``), shortest first, at most
+    LEGEND_MAX a group (a longer group is split): one row of loss panels each, so that
+    a 1,500-step run is not squeezed into the first pixels of a 200,000-step axis."""
+    from reporting.stats import train_of
+
+    by: dict[int, list[str]] = {}
+    for v in inputs.variants:
+        by.setdefault(train_of(inputs, v).max_steps, []).append(v)
+    out = []
+    for steps in sorted(by):
+        vs = by[steps]
+        out += [(steps, vs[i : i + LEGEND_MAX]) for i in range(0, len(vs), LEGEND_MAX)]
+    return out
+
+
 def loss_curves(inputs: Inputs) -> Drawn:
-    """log10 training loss per window: canonical seed, and mean ± sd band across seeds."""
+    """log10 training loss per window: canonical seed, and mean ± sd band across seeds;
+    one row of panels per run length (``length_groups``), each with its own step axis."""
     frames, notes = [], []
     for v in inputs.variants:
         c = inputs.diagnostics[v].curve
@@ -119,22 +187,33 @@ def loss_curves(inputs: Inputs) -> Drawn:
     if df.empty:
         return None, [*notes, Note("no finite training loss in any variant.")]
     window = inputs.diagnostics[inputs.variants[0]].curve.window
-    marker = "o" if df["step"].nunique() < 5 else None
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
-    common = {"x": "step", "y": "log10 loss", "hue": "variant", "marker": marker,
-              "hue_order": inputs.variants}  # fmt: skip
-    canon = df[df["seed"] == 0]
-    if canon.empty:
-        _blank(axes[0], "the canonical seed diverged everywhere")
-    else:
-        sns.lineplot(data=canon, ax=axes[0], **common)
-        axes[0].set_title("canonical seed (the lecture's run)")
-    sns.lineplot(data=df, errorbar="sd", estimator="mean", ax=axes[1], **common)
-    axes[1].set_title("mean over seeds, band = ±1 sd across seeds")
+    groups = length_groups(inputs)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(14, 3.8 * len(groups)), squeeze=False)
     uniform = math.log10(math.log(inputs.counts["vocab_size"]))
-    for ax in axes:
-        if ax.has_data():
-            ax.axhline(uniform, ls=":", c="0.4", lw=1)
+    colors = dict(zip(inputs.variants, sns.color_palette("tab10", 10) * 10, strict=False))
+    for row, (steps, vs) in zip(axes, groups, strict=True):
+        sub = df[df["variant"].isin(vs)]
+        marker = "o" if sub["step"].nunique() < 5 else None
+        common = {"x": "step", "y": "log10 loss", "hue": "variant", "marker": marker,
+                  "hue_order": vs, "palette": [colors[v] for v in vs]}  # fmt: skip
+        canon = sub[sub["seed"] == 0]
+        if canon.empty:
+            _blank(row[0], "the canonical seed diverged everywhere")
+        else:
+            sns.lineplot(data=canon, ax=row[0], legend=False, **common)
+            row[0].set_title(f"runs of {steps:,} steps: canonical seed", fontsize=10)
+        if sub.empty:
+            _blank(row[1], "no finite loss")
+        else:
+            sns.lineplot(data=sub, errorbar="sd", estimator="mean", ax=row[1], **common)
+            row[1].set_title(f"runs of {steps:,} steps: mean, band ±1 sd over seeds", fontsize=10)
+            legend_outside(row[1], title="variant")
+        for ax in row:
+            if ax.has_data():
+                ax.axhline(uniform, ls=":", c="0.4", lw=1)
+                ax.set_xlim(0, steps)
+                ax.set_xlabel("step")
+                ax.set_ylabel("log10 loss")
     fig.suptitle(
         f"training loss: mean of log10(minibatch loss) over windows of {window} steps "
         f"(dotted: log10 ln {inputs.counts['vocab_size']})",
@@ -201,6 +280,58 @@ def seed_points(inputs: Inputs) -> Drawn:
     return fig, notes
 
 
+def knob_figure(inputs: Inputs, split: str = "val") -> Drawn:
+    """One panel per family of ``reporting.stats.knob_families``: the ``split`` loss of
+    every seed (small points) and its mean (large) against the knob's value (depth and
+    width on a numeric axis), coloured by training schedule so that runs of different
+    lengths or seed counts are not read as one curve."""
+    from reporting.stats import knob_families, knob_value, schedule
+
+    families = knob_families(inputs)
+    if not families:
+        return None, [Note("no variants differ in one architecture knob only.")]
+    fig, flat = _grid(len(families), 6.5, 3.6, ncols=2)
+    notes = []
+    for ax, (knob, vs) in zip(flat, families, strict=True):
+        numeric = knob in ("depth", "width")
+        values = [knob_value(inputs, v, knob) for v in vs]
+        order = sorted(set(values), key=lambda x: float(x) if numeric else values.index(x))
+        pos = {x: (float(x) if numeric else i) for i, x in enumerate(order)}
+        scheds = list(dict.fromkeys(schedule(inputs, v) for v in vs))
+        for j, sched in enumerate(scheds):
+            members = [v for v in vs if schedule(inputs, v) == sched]
+            xs, means = [], []
+            for v in members:
+                x = pos[knob_value(inputs, v, knob)]
+                ys = [y for y in inputs.metrics[v]["per_seed"][split]
+                      if y is not None and math.isfinite(y)]  # fmt: skip
+                if not ys:
+                    notes.append(Note(f"{v}: no finite {split} loss (every seed diverged).", True))
+                    continue
+                ax.scatter([x] * len(ys), ys, s=10, alpha=0.5, color=f"C{j}")
+                xs.append(x)
+                means.append(float(np.mean(ys)))
+            if xs:
+                order_x = np.argsort(xs)
+                ax.plot(np.array(xs)[order_x], np.array(means)[order_x], marker="o", ms=7,
+                        color=f"C{j}", label=sched)  # fmt: skip
+        for v in vs:  # name every point
+            x = pos[knob_value(inputs, v, knob)]
+            ys = [y for y in inputs.metrics[v]["per_seed"][split] if y is not None]
+            if ys:
+                ax.annotate(v, (x, max(ys)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if not numeric:
+            ax.set_xticks(range(len(order)), order, fontsize=8)
+        elif knob == "depth":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("hidden layers" if knob == "depth" else knob)
+        ax.set_ylabel(f"{split} loss (nats)")
+        ax.set_title(f"{split} loss by {knob} (seeds: small points)", fontsize=10)
+        legend_outside(ax, title="training") if len(scheds) > 1 else None
+    fig.tight_layout()
+    return fig, notes
+
+
 # ---- activations ----------------------------------------------------------------------
 
 
@@ -241,7 +372,7 @@ def activation_figure(inputs: Inputs, v: str, layer: int = 0) -> Drawn:
                     _blank(ax, msg)
             notes.append(Note(msg + "."))
             continue
-        sns.histplot(vals, bins=edges, stat="density", ax=ax_h)
+        hist(ax_h, vals, edges)
         ax_h.set_title(f"h at {when} (seed #{s})", fontsize=10)
         ax_h.set_xlabel(f"h ({kind} output)")
         ax_h.set_ylabel("density")
@@ -271,9 +402,9 @@ def gradient_hist(inputs: Inputs, layer: int = 0) -> Drawn:
     """Histogram of dloss/dh at init on the probe batch, one panel per variant, at the
     output of hidden layer ``layer`` (0: the first)."""
     vs = inputs.variants
-    fig, axes = plt.subplots(1, len(vs), figsize=(4.4 * len(vs), 3.2), squeeze=False)
+    fig, flat = _grid(len(vs), 4.4, 3.2)
     notes = []
-    for ax, v in zip(axes[0], vs, strict=True):
+    for ax, v in zip(flat, vs, strict=False):
         dh = inputs.diagnostics[v].layers[layer].dh[0]
         vals = _finite_np(dh)
         if vals.size == 0:
@@ -289,7 +420,7 @@ def gradient_hist(inputs: Inputs, layer: int = 0) -> Drawn:
                 )
             )
         else:
-            sns.histplot(vals, bins=50, stat="density", ax=ax)
+            hist(ax, vals, 50)
             ax.set_title(f"{v}: dloss/dh at init (std {vals.std():.2e})", fontsize=10)
             ax.set_xlabel(f"dloss/dh (hidden layer {layer + 1})")
             ax.set_ylabel("density")
@@ -317,29 +448,34 @@ def gradient_rows(inputs: Inputs) -> list[dict]:
 
 
 def update_ratio_figure(inputs: Inputs) -> Drawn:
-    """log10(std(lr*grad)/std(param)) per weight over training, with the 1e-3 guide."""
+    """log10(std(lr*grad)/std(param)) per weight over training, mean ± sd over seeds,
+    with the 1e-3 guide; one panel per variant (rows of 4). Weight matrices coloured
+    along LAYER_CMAP with a colour bar when there are more than LEGEND_MAX."""
     vs = inputs.variants
-    fig, axes = plt.subplots(1, len(vs), figsize=(4.6 * len(vs), 3.4), squeeze=False)
+    fig, flat = _grid(len(vs), 4.8, 3.4)
     notes = []
-    for ax, v in zip(axes[0], vs, strict=True):
+    for ax, v in zip(flat, vs, strict=True):
         d = inputs.diagnostics[v]
         labels = weight_labels(d.weights)
         steps = d.update_steps.numpy()
-        frames = []
-        for w, rec in d.weights.items():
-            if rec.update_ratio is None:
+        series = [(labels[w], rec.update_ratio.double().numpy())
+                  for w, rec in d.weights.items() if rec.update_ratio is not None]  # fmt: skip
+        n_bad = sum(int((~np.isfinite(y)).sum()) for _, y in series)
+        n_all = sum(y.size for _, y in series)
+        colors = layer_colors(len(series)) if len(series) > LEGEND_MAX else [None] * len(series)
+        drawn = 0
+        for (label, y), color in zip(series, colors, strict=True):
+            y = np.where(np.isfinite(y), y, np.nan)
+            ok = np.isfinite(y).any(1)
+            if not ok.any():
                 continue
-            y = rec.update_ratio.double().numpy()  # (R, S)
-            S = y.shape[1]
-            frames.append(
-                pd.DataFrame(
-                    {"step": np.repeat(steps, S), "log10 ratio": y.reshape(-1), "weight": labels[w]}
-                )
-            )
-        df = pd.concat(frames, ignore_index=True)
-        bad = ~np.isfinite(df["log10 ratio"].to_numpy())
-        df = df[~bad]
-        if df.empty:
+            m = np.nanmean(y[ok], 1)
+            sd = np.nanstd(y[ok], 1, ddof=1) if y.shape[1] > 1 else np.zeros_like(m)
+            (line,) = ax.plot(steps[ok], m, label=label, color=color,
+                              marker="o" if ok.sum() < 5 else None)  # fmt: skip
+            ax.fill_between(steps[ok], m - sd, m + sd, color=line.get_color(), alpha=0.15, lw=0)
+            drawn += 1
+        if not drawn:
             _blank(ax, f"{v}: no finite update ratio")
             notes.append(
                 Note(
@@ -348,29 +484,92 @@ def update_ratio_figure(inputs: Inputs) -> Drawn:
                 )
             )
             continue
-        if bad.any():
+        if n_bad:
             notes.append(
                 Note(
-                    f"{v}: {int(bad.sum())} of {bad.size} records are not finite "
+                    f"{v}: {n_bad} of {n_all} records are not finite "
                     f"(a zero update gives log10 0 = -inf; a diverged seed gives "
                     f"NaN) and are left out.",
                     drawn=True,
                 )
             )
-        sns.lineplot(
-            data=df,
-            x="step",
-            y="log10 ratio",
-            hue="weight",
-            errorbar="sd",
-            marker="o" if len(steps) < 5 else None,
-            ax=ax,
-        )
         ax.axhline(-3, ls="--", c="k", lw=1, label="1e-3 guide")
         ax.set_xlabel("step")
         ax.set_ylabel("log10 update:data")
-        ax.set_title(f"{v}: update:data ratio (mean ± sd over seeds)", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.set_title(f"{v}: update:data (mean ± sd over seeds)", fontsize=10)
+        if len(series) > LEGEND_MAX:
+            layer_colorbar(fig, ax, len(series), "weight matrix (1: C, 2: W1, ...)")
+        else:
+            ax.legend(fontsize=7, ncols=2)
+    fig.tight_layout()
+    return fig, notes
+
+
+def activation_depth_figure(inputs: Inputs, v: str) -> Drawn:
+    """Every hidden layer of a deep variant in one figure (instead of one figure per
+    layer): the distribution of h per layer at init and after training as a heat-map
+    (rows: hidden layers 1..L; colour: the share of the layer's values in each bin,
+    range from the data), and per layer the std of h and the share that is flat in the
+    nonlinearity's sense (``saturation_rule``; relu: zero), at init and after training."""
+    layers = inputs.diagnostics[v].layers
+    L = len(layers)
+    kind = nonlinearity(inputs, v)
+    top = max(inputs.diagnostics[v].thresholds)
+    rule = saturation_rule(kind, top)
+    seed = first_good_seed(inputs, v)
+    seeds = {"init": 0, "final": 0 if seed is None else seed}
+    values = {when: [_finite_np(layer.activations[when].h[s]) for layer in layers]
+              for when, s in seeds.items()}  # fmt: skip
+    finite = [x for xs in values.values() for x in xs if x.size]
+    notes: list[Note] = []
+    n_panels = 4 if rule is not None else 3
+    fig, axes = plt.subplots(1, n_panels, figsize=(16, 0.9 + 0.18 * L + 2.2), squeeze=False)
+    axes = axes[0]
+    if not finite:
+        for ax in axes:
+            _blank(ax, f"{v}: no finite activation")
+        return fig, [Note(f"{v}: no finite activation in any layer.")]
+    both = np.concatenate(finite)
+    lo, hi = float(both.min()), float(both.max())
+    edges = np.linspace(lo, hi, H_BINS + 1) if hi > lo else np.linspace(lo - 1, hi + 1, 3)
+    for ax, (when, s) in zip(axes[:2], seeds.items(), strict=True):
+        grid = np.full((L, len(edges) - 1), np.nan)
+        for i, x in enumerate(values[when]):
+            if x.size:
+                grid[i] = np.histogram(x, bins=edges)[0] / x.size
+        im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma",
+                       extent=(lo, hi, L + 0.5, 0.5))  # fmt: skip
+        fig.colorbar(im, ax=ax, label="share of the layer's h", pad=0.01)
+        ax.set_xlabel(f"h ({kind} output)")
+        ax.set_ylabel("hidden layer")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"h per layer at {when} (seed #{s})", fontsize=10)
+        ax.grid(False)
+        if any(x.size == 0 for x in values[when]):
+            notes.append(Note(f"{v}, {when}: some layers have no finite h (blank rows).", True))
+    idx = np.arange(1, L + 1)
+    for ax in axes[2:]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for when, s in seeds.items():
+        stds = [float(x.std()) if x.size else np.nan for x in values[when]]
+        axes[2].plot(idx, stds, marker="o", ms=3, label=f"{when} (seed #{s})")
+    axes[2].set_xlabel("hidden layer")
+    axes[2].set_ylabel("std of h")
+    axes[2].set_title("spread of h per layer", fontsize=10)
+    axes[2].legend(fontsize=8)
+    if rule is not None:
+        for when, s in seeds.items():
+            share = [100 * float(a.activations[when].image[s].float().mean()) for a in layers]
+            axes[3].plot(idx, share, marker="o", ms=3, label=f"{when} (seed #{s})")
+        axes[3].set_xlabel("hidden layer")
+        axes[3].set_ylabel(f"% of h with {rule}")
+        flat = "zero (off)" if kind == "relu" else "saturated"
+        axes[3].set_title(f"% {flat} per layer", fontsize=10)
+        axes[3].legend(fontsize=8)
+    title = f"{v}: all {L} hidden layers"
+    if rule is None:
+        title += f" ({no_saturation(kind)})"
+    fig.suptitle(title, x=0.01, ha="left", fontsize=12, fontweight="bold")
     fig.tight_layout()
     return fig, notes
 

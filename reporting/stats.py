@@ -217,6 +217,66 @@ def comparisons(inputs: Inputs, split: str = "val") -> list[Paired]:
     ]
 
 
+ARCH_KEYS = ("layers", "n_hidden", "nonlinearity", "batchnorm", "batchnorm_output",
+             "batchnorm_form", "momentum", "eps", "train")  # fmt: skip
+
+
+def knob_families(inputs: Inputs) -> list[tuple[str, list[str]]]:
+    """Per knob (``KNOBS``), the groups of variants (params order, at least two, with at
+    least two values of the knob) whose networks and init recipes are the same but for
+    that knob: a depth curve (tanh1, deep_tanh, tanh10, tanh20), a width, nonlinearity
+    or BatchNorm comparison. Their training may differ (``schedule``: the figure and
+    table mark it)."""
+    out = []
+    for knob in KNOBS:
+        groups: dict[str, list[str]] = {}
+        for v in inputs.variants:
+            arch = {k: x for k, x in architecture(inputs, v).items() if k != knob}
+            init = variant(inputs, v).model_dump(exclude=set(ARCH_KEYS))
+            if knob == "nonlinearity" and init.get("gain") is None:
+                init["gain"] = "calculate_gain"  # the default gain follows the nonlinearity
+            groups.setdefault(repr((arch, init)), []).append(v)
+        for vs in groups.values():
+            if len({repr(architecture(inputs, v)[knob]) for v in vs}) >= 2:
+                out.append((knob, vs))
+    return out
+
+
+def knob_value(inputs: Inputs, v: str, knob: str) -> str:
+    """The value of ``knob`` for ``v`` in words (BatchNorm: 'no', 'hidden', ...)."""
+    x = architecture(inputs, v)[knob]
+    if knob == "BatchNorm":
+        if x is None:
+            return "no"
+        where = [w for w, on in zip(("hidden", "output"), x[:2], strict=True) if on]
+        return f"{' + '.join(where)} ({x[2]})"
+    return str(x)
+
+
+def schedule(inputs: Inputs, v: str) -> str:
+    """How long and with how many seeds ``v`` trained, short: '1,500 steps × 1 seed'."""
+    t = train_of(inputs, v)
+    n = len(t.seeds)
+    return f"{t.max_steps:,} steps × {n} seed{'s' if n != 1 else ''}"
+
+
+def knob_rows(inputs: Inputs, split: str = "val") -> list[dict]:
+    """The by-architecture table: every family of ``knob_families``, one row per
+    variant with the knob's value, its training and its loss over seeds."""
+    rows = []
+    for knob, vs in knob_families(inputs):
+        alike = len({schedule(inputs, v) for v in vs}) == 1 and all(
+            same_training(inputs, vs[0], v) for v in vs
+        )
+        for v in vs:
+            rows.append({
+                "varies": knob, "value": knob_value(inputs, v, knob), "variant": v,
+                "training": schedule(inputs, v) + ("" if alike else " (differs)"),
+                f"{split} loss over seeds": fmt_mean_std(inputs.metrics[v]["per_seed"][split]),
+            })  # fmt: skip
+    return rows
+
+
 def spread(inputs: Inputs, v: str, split: str = "val") -> float | None:
     """Seed-to-seed standard deviation of a variant's loss on ``split``."""
     return mean_std(inputs.metrics[v]["per_seed"][split])[1]
@@ -400,6 +460,33 @@ def duplicates_sentence(counts: dict) -> str:
         f"lecture's split cuts the shuffled lines, so {held_out} also occur in train. The "
         f"*unseen* losses (val_unseen, test_unseen) are measured on the windows of the "
         f"val and test names that never occur in train (windows: {windows})."
+    )
+
+
+def training_words(inputs: Inputs) -> str:
+    """The run header's seeds and length (markdown): one statement when every variant
+    trained alike, else each group of variants with its own seeds and steps (the global
+    ``train`` section with the variant's own ``train`` keys), so that the header never
+    claims a length or seed count that a variant did not have."""
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    for v in inputs.variants:
+        t = train_of(inputs, v)
+        groups.setdefault((len(t.seeds), t.max_steps, t.batch_size), []).append(v)
+    lecture = inputs.params.train.seeds[0]
+    if len(groups) == 1:
+        ((n, steps, batch),) = groups
+        return (
+            f"**Seeds per variant:** {n} (the first, {lecture}, is the lecture's). "
+            f"**Training:** {steps:,} steps of batch {batch}."
+        )
+    parts = [
+        f"{', '.join(vs)}: {n} seed{'s' if n != 1 else ''} × {steps:,} steps of batch {batch}"
+        for (n, steps, batch), vs in groups.items()
+    ]
+    return (
+        "**Seeds and training per variant** (the global `train` section with each "
+        "variant's own `train` keys): " + "; ".join(parts) + f". The seed {lecture} is the "
+        "lecture's."
     )
 
 

@@ -20,6 +20,21 @@ from reporting.stats import (
 )
 
 
+def by_moment(rows: list[dict], keys: tuple[str, ...], when: str = "when") -> list[dict]:
+    """``rows`` with one row per ``keys`` (e.g. variant and layer) instead of one per
+    moment: each other column once per moment, named 'column, moment' (the moment's
+    first word: 'init', 'final', 'snapshot'). Halves the tables of a deep variant."""
+    out: dict[tuple, dict] = {}
+    for row in rows:
+        k = tuple(row.get(key) for key in keys)
+        moment = str(row[when]).split(" ")[0]
+        target = out.setdefault(k, {key: row.get(key) for key in keys})
+        for col, value in row.items():
+            if col not in keys and col != when:
+                target[f"{col}, {moment}"] = value
+    return list(out.values())
+
+
 def seed_rows(inputs: Inputs) -> list[dict]:
     """mean ± sd over seeds for every variant and split (and the step-0 loss)."""
     rows = []

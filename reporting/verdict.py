@@ -28,6 +28,9 @@ from reporting.stats import (
 
 FULL_STEPS = 200_000  # the lecture's run
 FULL_DECAY = 150_000  # its deep network's lr decay step (lr 0.1, then 0.01)
+# The lecture's own deep networks (params.yaml's defaults): the only variants whose
+# full-length command the report offers ("the lecture trains them for 200,000 steps").
+LECTURE_DEEP = ("deep_bn", "deep_tanh")
 
 
 def deep_variants(inputs: Inputs) -> list[str]:
@@ -77,7 +80,12 @@ def depth_sentence(inputs: Inputs, split: str = "val") -> str:
     bn, plain = pair
     arch = architecture(inputs, bn)
     layers, width, kind = arch["depth"], arch["width"], arch["nonlinearity"]
-    where = f"At depth ({layers} hidden {kind} layers of {width} units)"
+    depths = {variant(inputs, v).layers for v in deep}
+    where = (
+        f"At depth ({layers} hidden {kind} layers of {width} units)"
+        if len(depths) == 1  # several depths: name the pair, not "the" depth
+        else f"For {bn} and {plain} ({layers} hidden {kind} layers of {width} units)"
+    )
     schedule = {v: _schedule(train_of(inputs, v)) for v in (bn, plain)}
     if schedule[bn] != schedule[plain]:
         return (
@@ -135,12 +143,13 @@ def full_run_command(inputs: Inputs, variants: list[str]) -> str:
 
 
 def deep_run_sentence(inputs: Inputs) -> str:
-    """How long and with which seeds each deep variant trained, and the command for the
-    full run; '' with no deep variant."""
+    """How long and with which seeds each deep variant trained (variants that trained
+    alike in one group), and the command for the lecture's full run of the lecture's
+    own deep variants (``LECTURE_DEEP``) that ran shorter; '' with no deep variant."""
     deep = deep_variants(inputs)
     if not deep:
         return ""
-    runs = []
+    groups: dict[str, list[str]] = {}
     for v in deep:
         t = train_of(inputs, v)
         n = len(t.seeds)
@@ -148,12 +157,14 @@ def deep_run_sentence(inputs: Inputs) -> str:
             lr = f"lr {t.lr:g}, then {t.lr_decayed:g} from step {t.lr_decay_step:,}"
         else:
             lr = f"lr {t.lr:g} throughout: its decay step {t.lr_decay_step:,} lies past the end"
-        runs.append(f"{v} {t.max_steps:,} steps ({lr}), {n} seed{'s' if n != 1 else ''}")
-    short = [v for v in deep if train_of(inputs, v).max_steps < FULL_STEPS]
+        groups.setdefault(f"{t.max_steps:,} steps ({lr}), {n} seed{'s' if n != 1 else ''}", [])
+        groups[f"{t.max_steps:,} steps ({lr}), {n} seed{'s' if n != 1 else ''}"].append(v)
+    runs = [f"{', '.join(vs)} {words}" for words, vs in groups.items()]
+    short = [v for v in deep if v in LECTURE_DEEP and train_of(inputs, v).max_steps < FULL_STEPS]
     text = "The deep variants ran " + "; ".join(runs) + "."
     if short:
         text += (
-            f" The lecture trains them for {FULL_STEPS:,} steps: "
+            f" The lecture trains {' and '.join(short)} for {FULL_STEPS:,} steps: "
             f"`{full_run_command(inputs, short)}`."
         )
     return text

@@ -294,8 +294,8 @@ def test_summary_sentence_answers_with_the_paired_interval():
         "seeds, after 2,000 steps of batch 32, lr 0.1, then 0.01 from step 1,500." in text
     )
     assert (
-        "The deep variants ran deep_bn 2,000 steps (lr 0.1, then 0.01 from step 1,500), 3 seeds"
-        in text
+        "The deep variants ran deep_bn, deep_tanh 2,000 steps (lr 0.1, then 0.01 from step "
+        "1,500), 3 seeds" in text  # variants that trained alike: one group
     )
     assert (
         "`dvc exp run -S ++variants.deep_bn.train.max_steps=200000 "
@@ -490,6 +490,47 @@ def test_sweep_page_draws_gain_sensitivity_at_depth():
     for r in one:
         r.metrics.pop("deep_bn")
     assert "Gain sensitivity at depth" not in sr.render(one)
+
+
+def test_sweep_page_keeps_short_gain_runs_on_a_curve_of_their_own():
+    """Issue 16: gain runs shortened as the README advises (train keys of the variant
+    changed too) stay in the gain section as their own curve, apart from the baseline's
+    length and seeds; a run that also changes the architecture is named, not dropped;
+    the variant every experiment adds is said once, not in every row."""
+    from tools import sweep_report as sr
+
+    short = {"max_steps": 1500, "seeds": [2147483647]}
+
+    def params(tanh: float | None, train: dict | None, width: int | None = None) -> dict:
+        deep = {"layers": 5, "gain": tanh, **({"train": train} if train else {})}
+        if width:
+            deep["n_hidden"] = width
+        return {"data": PARAMS["data"], "train": {"seeds": [1, 2]}, "variants": {
+            "kaiming": {"gain": None}, "deep_tanh": deep,
+            "relu5": {"layers": 5, "nonlinearity": "relu"}}}  # fmt: skip
+
+    base = params(None, None)
+    del base["variants"]["relu5"]  # the learner's variant: every experiment adds it
+    rows = [{"Experiment": None, "rev": "main", "typ": "baseline", "State": None}]
+    table = {"main": (base, sweep_metrics(1.0, 5 / 3))}
+    runs = [(f"short-{g}", params(g, short)) for g in (0.5, 1.0, 3.0)]
+    runs.append(("wide", params(3.0, short, width=64)))
+    for i, (name, p) in enumerate(runs):
+        rev = f"{i}" * 7
+        rows.append({"Experiment": name, "rev": rev, "typ": "branch_commit", "State": "Success"})
+        table[rev] = (p, sweep_metrics(1.0, p["variants"]["deep_tanh"]["gain"]))
+    out = sr.collect(rows, lambda r: table[r][0], lambda r: table[r][1])
+    page = sr.render(out)
+    assert "<h2>Gain sensitivity at depth</h2>" in page
+    assert "1,500 steps × 1 seed" in page  # the short curve, labelled by its training
+    assert "wide for deep_tanh: it changes variants.deep_tanh.n_hidden besides the gain" in page
+    experiments = page.split("<h2>Experiments</h2>")[1]
+    assert experiments.count("+variants.relu5=") == 1  # said once above the table
+    # the baseline's kaiming (1 layer) and deep_tanh (5) differ in depth only
+    arch = sr.architecture_frame(out)
+    depth = arch[(arch.experiment == "main") & (arch.varies == "depth")]
+    assert depth[["value", "variant"]].values.tolist() == [["1", "kaiming"], ["5", "deep_tanh"]]
+    assert "<h2>By architecture</h2>" in page
 
 
 def test_no_verdict_when_the_deep_variants_trained_differently():

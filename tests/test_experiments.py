@@ -195,7 +195,10 @@ def test_render_plots_only_parameters_swept_on_their_own() -> None:
         warnings.simplefilter("error")  # no "Tight layout not applied"
         page = sr.render(covarying().runs())
     assert page.count('src="data:image/png;base64,') == 1
-    assert re.findall(r"<h2>([^<]*)</h2>", page) == ["variants.kaiming.gain", "Experiments"]
+    # the gain runs that also changed a non-training key are named, not silently dropped
+    assert re.findall(r"<h2>([^<]*)</h2>", page) == [
+        "variants.kaiming.gain", "Gain sensitivity at depth", "Experiments"]  # fmt: skip
+    assert "Left out of this section:</b>" in page and "evaluate.n_novelty" in page
     assert "held fixed per group: <code>evaluate.n_novelty, train.max_steps, train.seeds" in page
 
 

@@ -261,12 +261,22 @@ def expected_figures(root: Path) -> int:
     seeds and curves (2), gradients at init and update ratios (2), then per variant one
     activation figure per hidden layer, one running-vs-calibrated figure when it has
     BatchNorm (every module in it) and, with snapshots, 4 layer-by-layer figures
-    (activations, gradients, weight gradients, update ratio)."""
+    (activations, gradients, weight gradients, update ratio); a variant of more than
+    PER_LAYER_MAX hidden layers has one activation figure of all its layers; the
+    by-architecture figure when some variants differ in one knob only."""
+    from types import SimpleNamespace
+
+    from reporting.figures import PER_LAYER_MAX
+    from reporting.stats import knob_families
+
+    config = params_file.validate(root / "params.yaml")
     n = 2 + 2
-    for v in params_file.validate(root / "params.yaml").variants:
+    for v in config.variants:
         d = load_records(root / "data" / "eval" / v / "diagnostics.pt")
-        n += len(d.layers) + (d.batchnorm is not None) + (4 if d.snapshots else 0)
-    return n
+        layers = len(d.layers) if len(d.layers) <= PER_LAYER_MAX else 1
+        n += layers + (d.batchnorm is not None) + (4 if d.snapshots else 0)
+    view = SimpleNamespace(params=config, variants=list(config.variants))
+    return n + bool(knob_families(view))
 
 
 def short_of_snapshot(root: Path) -> list[str]:

@@ -195,6 +195,11 @@ def loss_table(runs: list[Run], metric: str = "val") -> pd.DataFrame:
 
 def changes(base: dict[str, Any], params: dict[str, Any]) -> str:
     """The ``-S`` overrides (Hydra syntax) that turn flat ``base`` into flat ``params``."""
+    return ", ".join(change_list(base, params))
+
+
+def change_list(base: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """``changes``, one override a string."""
 
     def names(p: dict) -> set[str]:
         return {k.split(".")[1] for k in p if k.startswith("variants.") and k.count(".") > 1}
@@ -211,7 +216,18 @@ def changes(base: dict[str, Any], params: dict[str, Any]) -> str:
         entry = {k.split(".", 2)[2]: v for k, v in params.items() if owned(k, {name})}
         out.append(f"+variants.{name}={{{', '.join(f'{k}: {v}' for k, v in entry.items())}}}")
     out += [f"~variants.{name}" for name in sorted(gone)]
-    return ", ".join(out)
+    return out
+
+
+def common_changes(runs: list[Run]) -> list[str]:
+    """The overrides every experiment (two or more, not left out) makes from the
+    baseline, e.g. a variant they all add: said once above the table, not per row."""
+    base = next((r.params for r in runs if r.baseline and not r.left_out), None)
+    exps = [r for r in runs if not r.baseline and not r.left_out and not r.error]
+    if base is None or len(exps) < 2:
+        return []
+    lists = [change_list(base, r.params) for r in exps]
+    return [c for c in lists[0] if all(c in other for other in lists[1:])]
 
 
 def _cell(m: dict | None, metric: str) -> str:
@@ -226,10 +242,12 @@ def _cell(m: dict | None, metric: str) -> str:
 def experiments_frame(runs: list[Run], variants: list[str], metric: str) -> pd.DataFrame:
     """Every run: its state, the overrides from the baseline, the losses, any error."""
     base = next((r.params for r in runs if r.baseline and not r.left_out), {})
+    common = set(common_changes(runs))
     rows = []
     for run in runs:
         shown = run.state in FINISHED and not run.left_out
-        changed = "(baseline)" if run.baseline else changes(base, run.params)
+        own = [c for c in change_list(base, run.params) if c not in common]
+        changed = "(baseline)" if run.baseline else ", ".join(own) or "(only the common changes)"
         rows.append(
             {
                 "experiment": run.name,
@@ -242,6 +260,36 @@ def experiments_frame(runs: list[Run], variants: list[str], metric: str) -> pd.D
         )
     frame = pd.DataFrame(rows)
     return frame.drop(columns="error") if "error" in frame and not frame["error"].any() else frame
+
+
+def architecture_frame(runs: list[Run], metric: str = "val") -> pd.DataFrame:
+    """The by-architecture view of every finished run: per run, the families of variants
+    that differ in one knob only (``reporting.stats.knob_families``: depth, width,
+    nonlinearity or BatchNorm, init recipe alike), one row per variant with the knob's
+    value, its training (length x seeds; '(differs)' when the family's do) and its
+    ``metric`` loss, mean ± std over seeds, as in the report's *By architecture*."""
+    from types import SimpleNamespace
+
+    from reporting import stats as rs
+
+    rows = []
+    for run in runs:
+        if run.state not in FINISHED or run.error or run.left_out or run.config is None:
+            continue
+        names = [v for v in run.config.variants if v in run.metrics]
+        view = SimpleNamespace(params=run.config, variants=names, metrics=run.metrics)
+        for knob, vs in rs.knob_families(view):
+            alike = len({rs.schedule(view, v) for v in vs}) == 1 and all(
+                rs.same_training(view, vs[0], v) for v in vs
+            )
+            for v in vs:
+                rows.append({
+                    "experiment": run.name, "varies": knob,
+                    "value": rs.knob_value(view, v, knob), "variant": v,
+                    "training": rs.schedule(view, v) + ("" if alike else " (differs)"),
+                    f"{metric} loss": _cell(run.metrics.get(v), metric),
+                })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 PAGE = """<!DOCTYPE html>
@@ -306,8 +354,24 @@ def render(runs: list[Run], metric: str = "val") -> str:
     depth = sweep_depth.section(runs, metric)
     if depth:
         parts.append(depth)
+    arch = architecture_frame(runs, metric)
+    if not arch.empty:
+        parts.append(
+            "<h2>By architecture</h2>\n<p>Within each run, variants whose networks and "
+            "init recipes are the same but for one knob (depth, width, nonlinearity or "
+            "BatchNorm), as in the report's <i>By architecture</i>; <i>(differs)</i> marks "
+            "a family whose runs differ in length or seeds, whose losses are not "
+            "comparable as they stand.</p>\n" + arch.to_html(index=False, escape=True)
+        )
     frame = experiments_frame(runs, variants, metric)
-    parts.append(f"<h2>Experiments</h2>\n{frame.to_html(index=False, escape=True)}")
+    parts.append("<h2>Experiments</h2>")
+    common = common_changes(runs)
+    if common:
+        parts.append(
+            "<p>Every experiment changes these from the baseline (the <i>changed</i> column "
+            f"shows only the rest): <code>{html.escape(', '.join(common))}</code>.</p>"
+        )
+    parts.append(frame.to_html(index=False, escape=True))
     return PAGE.format(
         title=f"Sweeps: {metric} loss against swept parameters", body="\n".join(parts)
     )
