@@ -105,7 +105,10 @@ def paired_difference(
 def verdict(c: Paired, spread_a: float | None, spread_b: float | None) -> str:
     """One sentence on a paired comparison (val loss, nats; lower is better)."""
     if c.mean is None:
-        return f"{c.a} vs {c.b}: no seed has a finite loss for both, so no comparison."
+        return (
+            f"{c.a} vs {c.b}: no seed value that both ran has a finite loss in both (they "
+            f"share no seed, or the shared ones diverged), so no comparison."
+        )
     if c.lo is None:
         return (
             f"{c.a} vs {c.b}: only {c.n} paired seed, difference {c.mean:+.4f}; "

@@ -178,10 +178,25 @@ def comparable(inputs: Inputs, a: str, b: str) -> bool:
     return len(differing(inputs, a, b)) <= 1
 
 
+def same_init(inputs: Inputs, a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` use the same init recipe with the same settings as written
+    (a null gain is the nonlinearity's own gain, so it follows a nonlinearity knob)."""
+
+    def init(v: str) -> dict[str, Any]:
+        return variant(inputs, v).model_dump(exclude={*ARCH_KEYS, "lr_scale"})
+
+    return init(a) == init(b)
+
+
 def compared_knob(inputs: Inputs, a: str, b: str) -> str:
-    """What a comparison of ``a`` and ``b`` measures, in words: the knob they differ in
-    (or 'init / training'), and a warning when they trained differently."""
-    knobs = differing(inputs, a, b) or ["init / training"]
+    """What a comparison of ``a`` and ``b`` measures, in words: the knob they differ in,
+    with ', init' when their init recipes or its settings differ too (or 'init /
+    training' alone), and a warning when they trained differently."""
+    knobs = differing(inputs, a, b)
+    if not knobs:
+        knobs = ["init / training"]
+    elif not same_init(inputs, a, b):
+        knobs.append("init")
     return ", ".join(knobs) + ("" if same_training(inputs, a, b) else " (and trained differently)")
 
 
@@ -338,7 +353,7 @@ def summary_paragraph(inputs: Inputs) -> str:
         for v in inputs.variants
         if v == first or (comparable(inputs, first, v) and same_training(inputs, first, v))
     ]
-    n_seeds = max(len(inputs.metrics[v]["seeds"]) for v in vs)
+    counts = sorted({len(inputs.metrics[v]["seeds"]) for v in vs})
     means = {v: mean_std(inputs.metrics[v]["per_seed"]["val"]) for v in vs}
     ranked = sorted((m[0], v) for v, m in means.items() if m[0] is not None)
     parts = []
@@ -348,8 +363,9 @@ def summary_paragraph(inputs: Inputs) -> str:
         best_mean, best = ranked[0]
         sd = means[best][1]
         sd_words = f" ± {sd:.4f}" if sd is not None else ""
+        n = counts[0] if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
         parts.append(
-            f"Over {n_seeds} seed{'s' if n_seeds != 1 else ''} per variant, "
+            f"Over {n} seed{'s' if counts[-1] != 1 else ''} per variant, "
             f"**{best}** reaches the lowest mean validation loss, "
             f"{best_mean:.4f}{sd_words} nats (mean ± sd over seeds)."
         )

@@ -252,12 +252,13 @@ def test_variants_are_compared_when_they_differ_in_one_knob_at_most():
         ("deep_bn", "deep_tanh"),
     ]
     assert rs.compared_knob(inputs, "naive", "kaiming") == "init / training"
-    assert rs.compared_knob(inputs, "deep_bn", "deep_tanh") == "BatchNorm"
+    # the lecture's two deep nets also differ in their init (gain 1 vs 5/3): said so
+    assert rs.compared_knob(inputs, "deep_bn", "deep_tanh") == "BatchNorm, init"
     assert [(c.a, c.b) for c in rv.depth_comparisons(inputs)] == [("deep_bn", "deep_tanh")]
     # the summary ranks the variants comparable with the first: deep_bn never its "runner-up"
     assert "deep" not in rs.summary_paragraph(inputs)
     rows = rv.paired_rows(rs.comparisons(inputs), inputs)
-    assert [r["differs in"] for r in rows] == ["init / training", "BatchNorm"]
+    assert [r["differs in"] for r in rows] == ["init / training", "BatchNorm, init"]
 
 
 def test_a_knob_compared_alone_across_depth_width_and_nonlinearity():
@@ -279,6 +280,11 @@ def test_a_knob_compared_alone_across_depth_width_and_nonlinearity():
     pairs = {(c.a, c.b): rs.compared_knob(inputs, c.a, c.b) for c in rs.comparisons(inputs)}
     assert pairs == {("deep_tanh", "shallow"): "depth", ("deep_tanh", "wide"): "width",
                      ("deep_tanh", "relu"): "nonlinearity"}  # fmt: skip
+    # a knob and an init setting at once (fresh-user trial: the first-half naive recipe
+    # against a second-half net of another width) is labelled with both
+    raw["variants"]["wide_gain"] = {**raw["variants"]["wide"], "gain": 1.0}
+    inputs.params = make_params(raw)
+    assert rs.compared_knob(inputs, "deep_tanh", "wide_gain") == "width, init"
 
 
 def test_summary_sentence_answers_with_the_paired_interval():
@@ -543,7 +549,10 @@ def test_no_verdict_when_the_deep_variants_trained_differently():
     assert "deep_bn: 1,001 steps" in text and "deep_tanh: 2,000 steps" in text
     assert "beats" not in text
     # the paired table keeps the pair but says so
-    assert rs.compared_knob(inputs, "deep_bn", "deep_tanh") == "BatchNorm (and trained differently)"
+    assert (
+        rs.compared_knob(inputs, "deep_bn", "deep_tanh")
+        == "BatchNorm, init (and trained differently)"
+    )
 
 
 # ---- params.yaml in every number spelling the stages accept ----------------------------------
@@ -679,3 +688,14 @@ def test_saturation_follows_the_nonlinearity(kind):
         )
     if rule is None:
         assert f"no saturation for {kind}" in fig._suptitle.get_text()
+
+
+def test_summary_counts_seeds_per_variant_as_they_ran():
+    """Fresh-user trial: with one variant on 1 seed and the others on 3, the summary said
+    'Over 3 seeds per variant'; it gives the range instead."""
+    inputs = make_inputs(["naive", "kaiming"])
+    m = inputs.metrics["naive"]
+    m["seeds"] = m["seeds"][:1]
+    m["per_seed"] = {k: v[:1] for k, v in m["per_seed"].items()}
+    assert "Over 1 to 3 seeds per variant" in rs.summary_paragraph(inputs)
+    assert "Over 3 seeds per variant" in rs.summary_paragraph(make_inputs(["naive", "kaiming"]))
