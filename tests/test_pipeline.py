@@ -88,8 +88,8 @@ def test_repro_runs_every_stage_and_writes_outputs(baseline):
         assert (root / "data" / "models" / v / "model.pt").is_file()
         assert (root / "data" / "eval" / v / "metrics.json").is_file()
         assert (root / "reports" / "curves" / f"{v}.csv").is_file()
-        # the captured training steps of a deep variant; a one-layer directory is as before
-        assert (root / "data" / "models" / v / "snapshots.pt").is_file() == (v in DEEP)
+        # the captured training steps: every variant, the one-layer ones too
+        assert (root / "data" / "models" / v / "snapshots.pt").is_file()
     # nothing is stale afterwards, and the data file never lands in git
     assert baseline.dvc("status", "--json").stdout.strip() == "{}"
     tracked = run(["git", "ls-files"], cwd=root).stdout.split()
@@ -130,11 +130,10 @@ def test_repro_metrics(baseline):
         assert abs(m["init_loss"] - STEP0_LOSS[v]) < 1e-4, (v, m["init_loss"])
         assert m["train"] < m["init_loss"], v
         assert m["n_params"] == N_PARAMS[v], v
-        if v in DEEP:  # a 300-step run has no step 1,000: only the final snapshot
-            assert set(m["depth"]) == {"final"} and set(m["depth"]["final"]) == DEPTH_KEYS
-            assert all(math.isfinite(x) for x in m["depth"]["final"].values()), m["depth"]
-        else:
-            assert "depth" not in m, v
+        # every variant (one layer or five): a 300-step run has no step 1,000, only the
+        # final snapshot
+        assert set(m["depth"]) == {"final"} and set(m["depth"]["final"]) == DEPTH_KEYS
+        assert all(math.isfinite(x) for x in m["depth"]["final"].values()), m["depth"]
     # 300 steps already separate a well-initialised network from the naive one
     assert metrics["kaiming"]["val"] < metrics["naive"]["val"]
 
