@@ -17,7 +17,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
 # Momentum above this is almost surely meant in the Keras convention (see advice()).
 MOMENTUM_WARN = 0.5
 

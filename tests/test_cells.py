@@ -98,7 +98,8 @@ def cluster(workers: int, tls: list[str] | None = None) -> Iterator[str]:
     (config / "cells.yaml").write_text(WORKER_YAML, encoding="utf-8")
     env = {**os.environ, **WORKER_ENV, "DASK_CONFIG": str(config)}
     env.pop(cells_mod.SCHEDULER_ENV, None)
-    # --no-dashboard still leaves an HTTP server (health, metrics) on 0.0.0.0: bind it here
+    # --no-dashboard still leaves an HTTP server (health, metrics) on every interface: bind
+    # it to loopback too
     common = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0", *(tls or [])]
     procs = [
         subprocess.Popen(
