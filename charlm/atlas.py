@@ -103,24 +103,22 @@ def _cosine(x: torch.Tensor, distinct: torch.Tensor) -> torch.Tensor:
 
 def measure_init(
     model: MLP,
-    X: torch.Tensor,
-    Y: torch.Tensor,
-    batches: int,
-    generator: torch.Generator,
-    batch_size: int = 32,
+    minibatches: list[tuple[torch.Tensor, torch.Tensor]],
     threshold: float = 0.97,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Signal propagation at init of every model, on ``batches`` real minibatches.
+    """Signal propagation at init of every model, on real minibatches.
 
-    Each minibatch is ``randint(0, N, (batch_size,))`` from ``generator``, the same
-    contexts for all S models. A float64 copy of the model runs one training-mode
-    forward (BatchNorm uses the batch's statistics, as at step 0) and autograd's
-    backward of each model's mean cross-entropy; ``model`` is not changed. Statistics
-    are computed per minibatch and averaged over the minibatches.
+    Every minibatch (xb int64 (B, T), yb int64 (B,)) goes to all S models. A float64
+    copy of the model runs one training-mode forward (BatchNorm uses the batch's
+    statistics, as at step 0) and autograd's backward of each model's mean
+    cross-entropy; ``model`` is not changed. Statistics are computed per minibatch and
+    averaged over the minibatches.
 
     Args:
-        model: S models of one architecture; X int64 (N, T), Y int64 (N,) a split.
+        model: S models of one architecture.
+        minibatches: at least one (xb, yb); ``pipeline.atlas.draw_minibatches`` draws
+            them from a split.
         threshold: |x| (tanh) or |2x - 1| (sigmoid) above it counts as saturated
             (``charlm.diagnostics.saturated``, makemore part 3's 0.97).
         progress: called with the number of minibatches done after each one.
@@ -130,7 +128,11 @@ def measure_init(
         for an all-zero layer), 'input_ms' (S,) the mean square of the first layer's
         input (the concatenated embedding: theory's q^1 = gain^2 * input_ms), 'loss'
         (S,) the initial loss in nats.
+    Raises:
+        ValueError: no minibatch.
     """
+    if not minibatches:
+        raise ValueError("measure_init needs at least one minibatch")
     m = copy.deepcopy(model).double().train(True)
     S, L, nl = m.n_models, m.depth, m.nonlinearity
     hidden = m.hidden_indices
@@ -138,9 +140,7 @@ def measure_init(
     with torch.no_grad():
         weight_std = [_std(W) for W in weights]
     acc: dict[str, list[torch.Tensor]] = {k: [] for k in (*LAYER_STATS, "input_ms", "loss")}
-    for _ in range(batches):
-        ix = torch.randint(0, X.shape[0], (batch_size,), generator=generator)
-        xb, yb = X[ix], Y[ix]
+    for xb, yb in minibatches:
         distinct = (xb[:, None, :] != xb[None, :, :]).any(2).triu(1)  # (B, B)
         for p in m.parameters():
             p.grad = None

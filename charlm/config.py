@@ -17,6 +17,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The hidden nonlinearities a variant (or an atlas cell) may use: charlm.layers.NONLINEARITIES.
+Nonlinearity = Literal["tanh", "relu", "linear", "sigmoid", "gelu"]
+
 # Momentum above this is almost surely meant in the Keras convention (see advice()).
 MOMENTUM_WARN = 0.5
 
@@ -75,7 +78,7 @@ class VariantConfig(_Strict):
     # architecture
     layers: int = Field(1, ge=1)
     n_hidden: int | None = Field(None, ge=1)
-    nonlinearity: Literal["tanh", "relu", "linear", "sigmoid", "gelu"] = "tanh"
+    nonlinearity: Nonlinearity = "tanh"
     batchnorm: bool = False
     batchnorm_output: bool = False
     batchnorm_form: Literal["var", "std"] = "var"
@@ -321,6 +324,119 @@ class ReportConfig(_Strict):
     reference: dict[str, Reference] = Field(default_factory=dict)
 
 
+def _distinct(v: list) -> list:
+    if len(set(v)) != len(v):
+        raise ValueError(f"entries must be distinct, got {v}")
+    return v
+
+
+class AtlasWidthConfig(_Strict):
+    """The atlas's width sweep: signal propagation at init for one depth and
+    nonlinearity, without BatchNorm, over ``widths`` (finite-width corrections to the
+    mean-field theory shrink as the width grows). Gains: ``gain_factors`` x the
+    nonlinearity's ``calculate_gain``."""
+
+    depth: int = Field(8, ge=1)
+    nonlinearity: Nonlinearity = "tanh"
+    widths: list[int] = Field(default_factory=lambda: [25, 100, 400, 1600], min_length=1)
+    gain_factors: list[float] = Field(default_factory=lambda: [0.6, 1.0], min_length=1)
+
+    @field_validator("widths")
+    @classmethod
+    def _check_distinct(cls, v: list) -> list:
+        return _distinct(v)
+
+
+class AtlasTrainConfig(_Strict):
+    """The trainability map: short training runs over depth x gain for every
+    (nonlinearity, BatchNorm) family, each model classified trained / stalled /
+    diverged (``charlm.trainability``). Constant ``lr``, no decay; the engine's fast
+    kernels. Gains: ``gain_factors`` x ``calculate_gain`` plus atlas.extra_gains."""
+
+    depths: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    nonlinearities: list[Nonlinearity] = Field(default_factory=lambda: ["tanh", "relu"])
+    batchnorm: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
+    width: int = Field(100, ge=1)
+    gain_factors: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0], min_length=1
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(0.1, gt=0.0)
+
+    @field_validator("depths", "nonlinearities", "batchnorm", "seeds")
+    @classmethod
+    def _check_distinct(cls, v: list) -> list:
+        return _distinct(v)
+
+
+class AtlasHeConfig(_Strict):
+    """He et al. 2015's analogue (sec. 2.2, figs. 2-3): a relu net of ``depth`` hidden
+    layers without BatchNorm, trained at each of ``gains`` (1: their "Xavier" std
+    sqrt(1/fan_in); sqrt 2: theirs) at ``lr``, and both arms again at ``lower_lr`` (the
+    page uses the lower lr when an arm diverges at ``lr``, and says so)."""
+
+    depth: int = Field(30, ge=1)
+    width: int = Field(100, ge=1)
+    gains: list[float] = Field(default_factory=lambda: [1.0, 2.0**0.5], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    lower_lr: float = Field(0.01, gt=0.0)
+
+    @field_validator("gains", "seeds")
+    @classmethod
+    def _check_distinct(cls, v: list) -> list:
+        return _distinct(v)
+
+
+class AtlasConfig(_Strict):
+    """The depth atlas (issue 15; docs/atlas.md): signal propagation at init over
+    depth x nonlinearity x BatchNorm x width x gain x seed on real minibatches of the
+    training split, a width sweep, trainability runs and He et al.'s analogue.
+
+    One architecture (depth, nonlinearity, BatchNorm, width) is one cell: all its
+    gains x seeds are one batched model. The DVC stages are matrices over the depth
+    lists, so adding a depth reruns only that depth's cells. Gains of a nonlinearity:
+    ``gain_factors`` x its ``calculate_gain`` (``charlm.theory.default_gain``) plus
+    ``extra_gains``. The init recipe is 'second_half' (W ~ N(0, gain^2 / fan_in), zero
+    biases, the output layer x 0.1), the theory's assumptions for hidden layers.
+    """
+
+    depths: list[int] = Field(default_factory=lambda: [1, 4, 16, 64], min_length=1)
+    nonlinearities: list[Nonlinearity] = Field(
+        default_factory=lambda: ["tanh", "relu", "linear", "sigmoid", "gelu"], min_length=1
+    )
+    batchnorm: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
+    widths: list[int] = Field(default_factory=lambda: [100], min_length=1)
+    gain_factors: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], min_length=1
+    )
+    extra_gains: list[float] = Field(default_factory=lambda: [1.0])
+    seeds: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1)
+    init_batches: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=2)
+    batch_seed: int = 1234
+    threshold: float = Field(0.97, gt=0.0, lt=1.0)
+    width_sweep: AtlasWidthConfig = AtlasWidthConfig()
+    train: AtlasTrainConfig = AtlasTrainConfig()
+    he: AtlasHeConfig = AtlasHeConfig()
+
+    @field_validator("depths", "nonlinearities", "batchnorm", "widths", "seeds")
+    @classmethod
+    def _check_distinct(cls, v: list) -> list:
+        return _distinct(v)
+
+    @field_validator("gain_factors", "extra_gains")
+    @classmethod
+    def _check_positive(cls, v: list[float]) -> list[float]:
+        if any(g <= 0 for g in v):
+            raise ValueError(f"gains must be > 0, got {v}")
+        return v
+
+
 class Params(_Strict):
     data: DataConfig
     split: SplitConfig = SplitConfig()
@@ -329,6 +445,7 @@ class Params(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     variants: dict[str, VariantConfig] = Field(min_length=1)
     report: ReportConfig = ReportConfig()
+    atlas: AtlasConfig = AtlasConfig()
 
     @model_validator(mode="after")
     def _check_batchnorm_batch(self) -> Params:

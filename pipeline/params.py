@@ -30,12 +30,14 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from charlm.config import (
+    AtlasConfig,
     EvaluateConfig,
     FieldError,
     ModelConfig,
     Params,
     SplitConfig,
     TrainConfig,
+    VariantConfig,
 )
 
 HANDED_OUT: set[str] = set()
@@ -49,6 +51,45 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "train": ("model", "train", "variants.{variant}"),
     "evaluate": ("evaluate",),
     "report": ("data", "split", "model", "train", "evaluate", "variants", "report"),
+    # the depth atlas (docs/atlas.md): matrix stages over a depth list declare every
+    # key that changes their cells but never that list, so adding a depth reruns only
+    # the new depth's stage
+    "atlas_init": (
+        "model.n_embd",
+        "atlas.nonlinearities",
+        "atlas.batchnorm",
+        "atlas.widths",
+        "atlas.gain_factors",
+        "atlas.extra_gains",
+        "atlas.seeds",
+        "atlas.init_batches",
+        "atlas.batch_size",
+        "atlas.batch_seed",
+        "atlas.threshold",
+    ),
+    "atlas_width": (
+        "model.n_embd",
+        "atlas.width_sweep",
+        "atlas.seeds",
+        "atlas.init_batches",
+        "atlas.batch_size",
+        "atlas.batch_seed",
+        "atlas.threshold",
+    ),
+    "atlas_train": (
+        "model.n_embd",
+        "atlas.extra_gains",
+        "atlas.train.nonlinearities",
+        "atlas.train.batchnorm",
+        "atlas.train.width",
+        "atlas.train.gain_factors",
+        "atlas.train.seeds",
+        "atlas.train.steps",
+        "atlas.train.batch_size",
+        "atlas.train.lr",
+    ),
+    "atlas_he": ("model.n_embd", "atlas.he"),
+    "atlas_report": ("atlas",),
 }
 
 
@@ -154,6 +195,20 @@ def _value_at(raw: Any, loc: tuple[Any, ...]) -> Any:
     return raw
 
 
+# Variant keys of the schema before the one network (issue 14), and what replaced them:
+# difflib's closest match for them is misleading (w1_scale -> lr_scale).
+RENAMED = {
+    "w1_scale": "renamed: 'weight_scale' (first_half recipe)",
+    "b1_scale": "renamed: 'bias_scale' (first_half recipe)",
+    "w2_scale": "renamed: 'out_weight_scale' (first_half recipe)",
+    "b2_scale": "renamed: 'out_bias_scale' (first_half recipe)",
+    "w1_init": "removed: the init recipe is 'init: first_half' (one hidden layer, the "
+    "lecture's first half; 'gain' null is calculate_gain, 'weight_scale' a plain scale) or "
+    "'init: second_half'; see docs/experiments.md",
+    "deep": "removed: depth is 'layers' and the recipe is 'init'; see docs/experiments.md",
+}
+
+
 def _describe(err: dict[str, Any], loc: tuple[Any, ...], raw: Any) -> str:
     """One line for one pydantic error: the key, its value, what was expected."""
     key = ".".join(str(p) for p in loc)
@@ -161,7 +216,9 @@ def _describe(err: dict[str, Any], loc: tuple[Any, ...], raw: Any) -> str:
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         hint = ""
-        if parent is not None:
+        if parent is VariantConfig and loc[-1] in RENAMED:
+            hint = f" ({RENAMED[loc[-1]]})"
+        elif parent is not None:
             close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
             if close:
                 hint = f" (did you mean {'.'.join(str(p) for p in (*loc[:-1], close[0]))!r}?)"
@@ -239,6 +296,7 @@ SPELLED_OUT: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "atlas": AtlasConfig,
 }
 
 

@@ -48,17 +48,19 @@ def heatmaps(train_cells: list[dict]) -> str:
         gains, depths = cells[0]["gains"], [c["depth"] for c in cells]
         val = np.array([[np.nanmedian(arr(r)) for r in c["val_loss"]] for c in cells])
         fig, ax = plt.subplots(figsize=(6, 3))
-        im = ax.imshow(val, aspect="auto", origin="lower", cmap="viridis", vmin=2.0, vmax=3.3)
+        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # no val loss: diverged
+        im = ax.imshow(val, aspect="auto", origin="lower", cmap=cmap, vmin=2.0, vmax=3.3)
         for i, c in enumerate(cells):
             for j, row in enumerate(c["status"]):
                 top = max(set(row), key=row.count)
-                ax.text(j, i, STATUS_LETTER[top], ha="center", va="center", color="w")
+                colour = "k" if not np.isfinite(val[i, j]) else "w"
+                ax.text(j, i, STATUS_LETTER[top], ha="center", va="center", color=colour)
         ax.set_xticks(range(len(gains)), [f"{g:.2f}" for g in gains])
         ax.set_yticks(range(len(depths)), [str(d) for d in depths])
         ax.set_xlabel("gain")
         ax.set_ylabel("hidden layers L")
         ax.set_title(f"{nl}, BatchNorm {'on' if bn else 'off'}: median val loss (nats)")
-        fig.colorbar(im, ax=ax, label="val loss (nats)")
+        fig.colorbar(im, ax=ax, label="val loss (nats); grey: none (diverged)")
         if nl == "tanh" and not bn:
             logd = np.log2(depths)
             ys = []
@@ -146,31 +148,147 @@ def gradient_ratio_figure(cells: list[dict], batch_size: int) -> str:
     return png(fig)
 
 
-def he_figure(he: dict) -> tuple[str, str]:
-    """Training-loss curves of the He et al. analogue's arms (median over seeds), one
-    panel per lr, and the sentence that says what they show."""
-    runs = he["runs"]
+def he_figure(runs: list[dict]) -> tuple[str, str]:
+    """Training-loss curves of He et al.'s analogue (median over seeds), one panel per
+    lr (``runs``: the atlas_he stage's cells, lr first, then lower_lr), and the sentence
+    that says what they show. He et al.'s rule holds when gain sqrt 2 trains and gain 1
+    does not (stalls) at the lr where no arm diverged."""
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.2), squeeze=False)
-    words = []
     for ax, r in zip(axes[0], runs, strict=True):
         w = r["curve_window"]
         for gi, (g, col) in enumerate(zip(r["gains"], _colours(len(r["gains"])), strict=True)):
             curve = np.nanmedian(arr(r["curve"][gi]), axis=0)
             ax.plot(np.arange(len(curve)) * w, curve, color=col, label=f"gain {g:.3g}")
-            v = np.nanmedian(arr(r["val_loss"][gi]))
-            words.append(
-                f"gain {g:.3g} at lr {r['lr']:g}: val {v:.3f} nats ({', '.join(r['status'][gi])})"
-            )
         ax.axhline(r["baseline"], color="k", ls=":", label="unigram baseline")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (nats)")
         ax.set_title(f"relu, {r['depth']} hidden layers, no BN, lr {r['lr']:g}")
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
-    note = " (an arm diverged at the first lr, so both ran again at the lower lr)" if he[
-        "diverged_at_lr"] else ""  # fmt: skip
-    sentence = (f"He et al.'s analogue, {runs[0]['steps']} steps, median over "
-                f"{len(runs[0]['seeds'])} seeds{note}: " + "; ".join(words) + ".")  # fmt: skip
+
+    def arms(r: dict) -> str:
+        return "; ".join(
+            f"gain {g:.3g}: val {np.nanmedian(arr(r['val_loss'][gi])):.3f} nats "
+            f"({', '.join(r['status'][gi])})"
+            for gi, g in enumerate(r["gains"])
+        )
+
+    first = runs[0]
+    diverged = any(x == "diverged" for row in first["status"] for x in row)
+    why = (
+        f"an arm diverged at lr {first['lr']:g}, so both arms ran again at a lower lr"
+        if diverged
+        else f"no arm diverged at lr {first['lr']:g}; both arms also ran at a lower lr"
+    )
+    sentence = (
+        f"relu, {first['depth']} hidden layers of {first['width']}, no BatchNorm, "
+        f"{first['steps']} steps, median over {len(first['seeds'])} seeds ({why}): "
+        + " | ".join(f"lr {r['lr']:g}: {arms(r)}" for r in runs)
+        + ". "
+        + " ".join(_he_verdict(r) for r in runs)
+    )
     return png(fig), sentence
+
+
+def _he_verdict(r: dict) -> str:
+    """Whether one lr's run shows He et al.'s finding (gain sqrt 2 trains, gain 1 does
+    not), from its classes; every seed must agree."""
+    by_gain = {round(g, 3): r["status"][gi] for gi, g in enumerate(r["gains"])}
+    one, he = by_gain.get(1.0), by_gain.get(round(math.sqrt(2), 3))
+    if one is None or he is None:
+        return ""
+    lr = f"At lr {r['lr']:g}"
+    if all(x == "trained" for x in he) and all(x != "trained" for x in one):
+        return f"{lr}, as in He et al.: gain sqrt 2 trains and gain 1 does not."
+    if all(x != "trained" for x in he + one):
+        return (f"{lr}, neither gain trains in {r['steps']} steps (gain 1: {', '.join(one)}; "
+                f"sqrt 2: {', '.join(he)}): not He et al.'s contrast.")  # fmt: skip
+    return (f"{lr}, not He et al.'s contrast: gain 1 is {', '.join(one)} and gain sqrt 2 "
+            f"is {', '.join(he)} over the seeds.")  # fmt: skip
+
+
+def trainability_intro(train_cells: list[dict]) -> str:
+    """What the heatmaps' letters mean, and one generated sentence per family."""
+    if not train_cells:
+        return "<p>No trainability cells in the grid.</p>"
+    c0 = train_cells[0]
+    out = [
+        f"<p>Each model trains {c0['steps']} steps of minibatch SGD (batch {c0['batch_size']}, "
+        f"constant lr {c0['lr']:g}, {len(c0['seeds'])} seeds per gain, width {c0['width']}). "
+        "T: trained (val loss below the unigram baseline by more than "
+        f"{c0['margin']:g} nats; baseline {c0['baseline']:.3f} nats, the best model that "
+        "ignores its input); S: stalled (no better than that); D: diverged (a non-finite "
+        "loss). Letters show the majority over seeds; colour the median val loss.</p><ul>"
+    ]
+    fams = sorted({(c["nonlinearity"], c["batchnorm"]) for c in train_cells})
+    for nl, bn in fams:
+        cells = sorted((c for c in train_cells if (c["nonlinearity"], c["batchnorm"]) == (nl, bn)),
+                       key=lambda c: c["depth"])  # fmt: skip
+        bad = []
+        for c in cells:
+            for gi, g in enumerate(c["gains"]):
+                st = c["status"][gi]
+                if any(x != "trained" for x in st):
+                    bad.append(f"L={c['depth']} gain {g:.3g} ({'/'.join(st)})")
+        n = sum(len(c["gains"]) for c in cells)
+        fam = f"{nl}, BatchNorm {'on' if bn else 'off'}"
+        if not bad:
+            out.append(f"<li>{fam}: every model of the {n} (depth, gain) points trained.</li>")
+        else:
+            out.append(f"<li>{fam}: {len(bad)} of {n} (depth, gain) points have a model that "
+                       f"did not train: {'; '.join(bad)}.</li>")  # fmt: skip
+    return "".join(out) + "</ul>"
+
+
+# The full atlas that `make atlas-full` runs (docs/atlas.md): its trainability grid, for
+# the cost estimate below.
+FULL_ATLAS = {
+    "depths": [1, 2, 4, 8, 16, 32, 64],
+    "families": 10,  # 5 nonlinearities x BatchNorm off/on
+    "gains": 9,  # 8 factors of calculate_gain + gain 1
+    "seeds": 8,
+    "steps": 20_000,
+}
+
+
+def cost(records: list[dict], cfg) -> str:
+    """Where each atlas stage's cells ran (from the run records), and the full atlas's
+    cost extrapolated from the measured training cells: CPU seconds per model x step x
+    hidden layer (median over cells, width atlas.train.width) times the full grid's
+    models x steps x layers. An upper estimate: each cell's time includes its fixed
+    val-loss pass and the build of its models."""
+    rows, rates = [], []
+    for r in records:
+        d = r.get("dask")
+        if not d:
+            continue
+        rows.append({
+            "stage": r["stage"], "cells": d["cells"], "workers": d["workers"],
+            "scheduler": "embedded (127.0.0.1)" if d["embedded"] else d["scheduler"],
+            "wall s": r["seconds"], "cells' CPU s": sum(d["cell_cpu_seconds"].values()),
+        })  # fmt: skip
+        if r["stage"].startswith("atlas_train@"):
+            depth = int(r["stage"].split("@")[1])
+            t = cfg.train
+            for cid, cpu in d["cell_cpu_seconds"].items():
+                nl = cid.split("-")[0]
+                n_gains = len({round(f * theory.default_gain(nl), 12) for f in t.gain_factors}
+                              | {round(float(g), 12) for g in cfg.extra_gains})  # fmt: skip
+                rates.append(cpu / (n_gains * len(t.seeds) * t.steps * depth))
+    html_ = table(rows, ["stage", "cells", "workers", "scheduler", "wall s", "cells' CPU s"])
+    if rates:
+        rate = float(np.median(rates))
+        f = FULL_ATLAS
+        total = rate * f["families"] * f["gains"] * f["seeds"] * f["steps"] * sum(f["depths"])
+        html_ += (
+            f"<p>Training costs {rate * 1e6:.0f} CPU-microseconds per model x step x hidden "
+            f"layer at width {cfg.train.width} (median over {len(rates)} cells, val pass "
+            "included). The full trainability atlas of <code>make atlas-full</code> (depths "
+            f"{f['depths']}, 5 nonlinearities x BatchNorm off/on, {f['gains']} gains, "
+            f"{f['seeds']} seeds, {f['steps']:,} steps) would take about "
+            f"{total / 3600:,.0f} CPU-hours: {total / 3600 / 2:,.0f} hours on this 2-core "
+            "machine, or a few hours on a cluster (docs/cluster.md).</p>"
+        )
+    return html_
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

@@ -13,6 +13,7 @@ import torch
 from charlm import engine, theory
 from charlm.atlas import batched_model, measure_init, summarise
 from charlm.atlas_theory import predict
+from pipeline.atlas import draw_minibatches
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.init import build_mlp
 from charlm.trainability import STALL_MARGIN, classify, unigram_entropy
@@ -57,8 +58,8 @@ def test_measure_init_against_a_hand_computation() -> None:
     model, _ = batched_model(cfg, VariantConfig(layers=1, n_hidden=5, gain=1.0), [1.0, 2.0],
                              [7], V, T)  # fmt: skip
     X, Y = synthetic(50, 1)
-    st = measure_init(model, X, Y, 1, torch.Generator().manual_seed(5), batch_size=8)
     ix = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(5))
+    st = measure_init(model, draw_minibatches(X, Y, 1, 8, 5))
     for s in range(2):
         C = model.C[s].detach().double()
         W1 = model.layers[0].weight[s].detach().double().requires_grad_()
@@ -96,7 +97,7 @@ def test_float64_holds_at_depth_64_where_float32_overflows() -> None:
     with torch.no_grad():
         out32 = model.trace(X[:32].unsqueeze(0))[-2]
     assert not torch.isfinite(out32.std())
-    st = measure_init(model, X, Y, 1, torch.Generator().manual_seed(0))
+    st = measure_init(model, draw_minibatches(X, Y, 1, 32, 0))
     pre = st["pre_std"][:, 0]
     assert np.isfinite(pre).all() and np.isfinite(st["grad_std"]).all()
     rate = (pre[-1] / pre[0]) ** (1 / 63)
@@ -129,7 +130,7 @@ def test_theory_against_a_wide_net(nl: str, gain: float) -> None:
     variant = VariantConfig(layers=8, n_hidden=512, nonlinearity=nl, gain=1.0)
     model, _ = batched_model(cfg, variant, [gain], [0, 1, 2, 3], V, T)
     X, Y = synthetic(500, 3)
-    st = measure_init(model, X, Y, 2, torch.Generator().manual_seed(1))
+    st = measure_init(model, draw_minibatches(X, Y, 2, 32, 1))
     med = np.median(st["pre_std"], axis=1)
     p = predict(nl, gain, 8, float(np.median(st["input_ms"])))
     np.testing.assert_allclose(med, p["pre_std"], rtol=0.10)

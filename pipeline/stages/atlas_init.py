@@ -1,0 +1,56 @@
+"""Depth atlas at initialisation, one depth: every (nonlinearity, BatchNorm, width) cell.
+
+Reads params model.n_embd and atlas's grid and measurement keys (never atlas.depths:
+dvc.yaml's matrix gives ``--depth``, so adding a depth reruns only its stage) and the
+training split in ``--data``. Each cell batches all gains x seeds of one architecture
+and measures, per hidden layer 1..L on the same real minibatches, the statistics of
+``charlm.atlas.LAYER_STATS`` (median and 10-90% band over seeds; ``pipeline.atlas``).
+The cells run on Dask (``pipeline.cells``: embedded, or $CHARLM_SCHEDULER). Writes
+``--out`` (JSON: {"depth", "cells": [...]}) and the run record (where the cells ran).
+Run: python -m pipeline.stages.atlas_init --depth 16 --data data/processed \
+    --out data/atlas/init/d16.json --record data/atlas/runs/atlas_init@16.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline import atlas, outputs, params, records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, required=True, help="hidden layers L")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    records.add_record_argument(parser)
+    args = parser.parse_args()
+    if args.depth < 1:
+        parser.error(f"--depth must be >= 1, got {args.depth}")
+    p = params.load(args.params, params.stage_keys("atlas_init"))
+    split, V, T = atlas.load_split(args.data)
+    batches = atlas.draw_minibatches(
+        split["X"], split["Y"], p["atlas.init_batches"], p["atlas.batch_size"],
+        p["atlas.batch_seed"],
+    )  # fmt: skip
+    cells = {}
+    for nl in p["atlas.nonlinearities"]:
+        gains = atlas.gains_of(nl, p["atlas.gain_factors"], p["atlas.extra_gains"])
+        for bn in p["atlas.batchnorm"]:
+            for width in p["atlas.widths"]:
+                cells[f"{nl}-bn{str(bn).lower()}-w{width}"] = {
+                    "depth": args.depth, "nonlinearity": nl, "batchnorm": bn, "width": width,
+                    "n_embd": p["model.n_embd"], "V": V, "T": T, "gains": gains,
+                    "seeds": p["atlas.seeds"], "threshold": p["atlas.threshold"],
+                    "minibatches": batches,
+                }  # fmt: skip
+    atlas.run_stage(
+        atlas.init_cell, cells, desc=f"atlas_init@{args.depth}", out=args.out,
+        record=args.record, header={"depth": args.depth},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    outputs.run(main)

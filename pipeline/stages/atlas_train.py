@@ -1,0 +1,54 @@
+"""Depth atlas, trainability at one depth: every (nonlinearity, BatchNorm) family's
+short training runs over the gain grid, each model classified trained / stalled /
+diverged against the unigram baseline (``charlm.trainability``).
+
+Reads params model.n_embd, atlas.extra_gains and atlas.train's keys (never
+atlas.train.depths: dvc.yaml's matrix gives ``--depth``) and the training and
+validation splits in ``--data``. One cell per family trains all its gains x seeds in
+one batched engine call (each model bitwise the model trained alone), on Dask
+(``pipeline.cells``). Writes ``--out`` (JSON: {"depth", "cells": [...]}: per gain and
+seed the val loss in nats, the mean training loss of the last 50 steps, the class,
+10-step training-loss curves) and the run record.
+Run: python -m pipeline.stages.atlas_train --depth 16 --data data/processed \
+    --out data/atlas/train/d16.json --record data/atlas/runs/atlas_train@16.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline import atlas, outputs, params, records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, required=True, help="hidden layers L")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    records.add_record_argument(parser)
+    args = parser.parse_args()
+    if args.depth < 1:
+        parser.error(f"--depth must be >= 1, got {args.depth}")
+    p = params.load(args.params, params.stage_keys("atlas_train"))
+    split, V, T = atlas.load_split(args.data)
+    cells = {}
+    for nl in p["atlas.train.nonlinearities"]:
+        gains = atlas.gains_of(nl, p["atlas.train.gain_factors"], p["atlas.extra_gains"])
+        for bn in p["atlas.train.batchnorm"]:
+            cells[f"{nl}-bn{str(bn).lower()}"] = {
+                "depth": args.depth, "nonlinearity": nl, "batchnorm": bn,
+                "width": p["atlas.train.width"], "n_embd": p["model.n_embd"], "V": V, "T": T,
+                "gains": gains, "seeds": p["atlas.train.seeds"],
+                "steps": p["atlas.train.steps"], "batch_size": p["atlas.train.batch_size"],
+                "lr": p["atlas.train.lr"], "split": split,
+            }  # fmt: skip
+    atlas.run_stage(
+        atlas.train_cell, cells, desc=f"atlas_train@{args.depth}", out=args.out,
+        record=args.record, header={"depth": args.depth},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    outputs.run(main)
