@@ -13,10 +13,10 @@ import torch
 from charlm import engine, theory
 from charlm.atlas import batched_model, measure_init, summarise
 from charlm.atlas_theory import predict
-from pipeline.atlas import draw_minibatches
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
 from charlm.init import build_mlp
 from charlm.trainability import STALL_MARGIN, classify, unigram_entropy
+from pipeline.atlas import draw_minibatches
 
 V, T = 27, 3
 
