@@ -41,6 +41,28 @@ TINY["variants"] = {
     v: {"train": {k: TINY["train"][k] for k in ("seeds", "max_steps", "record_every")}}
     for v in ("deep_bn", "deep_tanh")
 }
+# A depth atlas small enough for seconds (params.yaml's default atlas takes minutes):
+# make_repo puts it into every repository copy unless the test's params replace it.
+TINY_ATLAS: dict[str, Any] = {
+    "depths": [2],
+    "nonlinearities": ["tanh", "relu"],
+    "batchnorm": [False, True],
+    "widths": [8],
+    "gain_factors": [0.5, 1.0],
+    "extra_gains": [1.0],
+    "seeds": [0, 1],
+    "init_batches": 1,
+    "batch_size": 8,
+    "batch_seed": 1234,
+    "threshold": 0.97,
+    "width_sweep": {"depth": 2, "nonlinearity": "tanh", "widths": [8, 16], "gain_factors": [1.0]},
+    "train": {"depths": [2], "nonlinearities": ["tanh"], "batchnorm": [False, True],
+              "width": 8, "gain_factors": [1.0], "seeds": [0, 1], "steps": 20,
+              "batch_size": 8, "lr": 0.1},
+    "he": {"depth": 3, "width": 8, "gains": [1.0, 1.4142135623730951], "seeds": [0],
+           "steps": 20, "batch_size": 8, "lr": 0.1, "lower_lr": 0.01},
+}  # fmt: skip
+
 # The params of the one tiny run the test modules share (``tiny_run`` in conftest.py):
 # TINY with loss curves averaged over windows of 50 steps, so that the report of a
 # 300-step run draws lines, not single points (the default window is 1000 steps). No
@@ -126,8 +148,9 @@ def run(
 def make_repo(dest: Path, params: dict | None = None) -> Path:
     """Copy the tracked files of this repository to ``dest`` as a fresh git repo.
 
-    ``params`` is deep-merged into params.yaml before the first commit. The copy's
-    environment for dvc should set NAMES_MIRROR (see ``repo_env``).
+    ``params`` is deep-merged into params.yaml before the first commit, over
+    ``TINY_ATLAS`` (the default atlas would add minutes to every ``dvc repro``). The
+    copy's environment for dvc should set NAMES_MIRROR (see ``repo_env``).
     """
     files = (
         subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
@@ -158,11 +181,9 @@ def make_repo(dest: Path, params: dict | None = None) -> Path:
     for stale in ("dvc.lock", "reports/metrics.json"):
         (dest / stale).unlink(missing_ok=True)
     shutil.rmtree(dest / "reports" / "curves", ignore_errors=True)
-    if params:
-        p = dest / "params.yaml"
-        p.write_text(
-            yaml.safe_dump(deep_update(yaml.safe_load(p.read_text()), params), sort_keys=False)
-        )
+    p = dest / "params.yaml"
+    merged = deep_update(yaml.safe_load(p.read_text()), {"atlas": TINY_ATLAS, **(params or {})})
+    p.write_text(yaml.safe_dump(merged, sort_keys=False))
     for cmd in (
         ["git", "init", "-q"],
         ["git", "add", "-A"],
@@ -222,10 +243,11 @@ class TinyRun:
 
 
 def dvc_stages(root: Path = ROOT) -> dict[str, tuple[str, list[str]]]:
-    """Every stage of ``root``'s dvc.yaml, foreach expanded over its params.yaml:
+    """Every stage of ``root``'s dvc.yaml, foreach and matrix expanded over its params.yaml:
     name -> (module, declared params)."""
     dvc = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
-    variants = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))["variants"]
+    p = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    variants = p["variants"]
     out = {}
     for name, stage in dvc["stages"].items():
         if "foreach" in stage:
@@ -233,6 +255,16 @@ def dvc_stages(root: Path = ROOT) -> dict[str, tuple[str, list[str]]]:
             for key in variants:
                 body = yaml.safe_dump(stage["do"]).replace("${key}", key)
                 out[f"{name}@{key}"] = yaml.safe_load(body)
+        elif "matrix" in stage:  # one key over a params list, as the atlas stages use
+            ((item, ref),) = stage["matrix"].items()
+            values: Any = p
+            for part in ref.removeprefix("${").removesuffix("}").split("."):
+                values = values[part]
+            body = yaml.safe_dump({k: v for k, v in stage.items() if k != "matrix"})
+            for value in values:
+                out[f"{name}@{value}"] = yaml.safe_load(
+                    body.replace(f"${{item.{item}}}", str(value))
+                )
         else:
             out[name] = stage
     result = {}
