@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NAMES_MIRROR ?= $(wildcard $(CURDIR)/../shared/data/names.txt)
 export NAMES_MIRROR
 
-.PHONY: repro test test-fast bench sweep sweep-report lint clean-venv
+.PHONY: repro test test-fast bench sweep sweep-report lint clean-venv atlas-full
 
 $(STAMP): requirements.txt
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -20,6 +20,7 @@ repro: $(STAMP)
 	python -m pipeline.params params.yaml
 	dvc repro
 	@echo "report: $(CURDIR)/reports/report.html"
+	@echo "depth atlas: $(CURDIR)/reports/atlas.html"
 
 test: $(STAMP)
 	python -m pytest
@@ -52,3 +53,18 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The full depth atlas (docs/atlas.md): every depth 1..64 (powers of 2), widths 25..1,600,
+# 9 gains of every nonlinearity with and without BatchNorm trained for 20,000 steps, 8
+# seeds. Hundreds of CPU-hours: reports/atlas.html ("cost") gives the estimate from this
+# machine's per-cell timings. Set CHARLM_SCHEDULER to send the cells to a Dask cluster
+# (README, "The atlas on a cluster"). reporting/atlas.py FULL_ATLAS describes this grid.
+atlas-full: $(STAMP)
+	python -m pipeline.params params.yaml
+	dvc exp run -n atlas-full \
+	  -S 'atlas.depths=[1,2,4,8,16,32,64]' -S 'atlas.widths=[25,100,400,1600]' \
+	  -S 'atlas.train.depths=[1,2,4,8,16,32,64]' \
+	  -S 'atlas.train.nonlinearities=[tanh,relu,linear,sigmoid,gelu]' \
+	  -S 'atlas.train.gain_factors=[0.5,0.6,0.75,0.9,1.0,1.25,1.5,2.0]' \
+	  -S 'atlas.train.seeds=[0,1,2,3,4,5,6,7]' -S 'atlas.train.steps=20000'
+	@echo "atlas: $(CURDIR)/reports/atlas.html"

@@ -31,6 +31,8 @@ STEP0_LOSS = {"naive": 27.8817, "kaiming": 3.3179, "batchnorm": 3.3239, "deep_bn
 N_PARAMS = {"naive": 11_897, "kaiming": 11_897, "batchnorm": 12_097, "deep_bn": 47_024,
             "deep_tanh": 46_497}  # fmt: skip
 DEPTH_KEYS = {"std_first", "std_last", "saturated_max", "grad_std_first", "grad_std_last"}
+# the stages of the tiny atlas (tests/support.py TINY_ATLAS: depth 2 only)
+ATLAS_STAGES = {"atlas_init@2", "atlas_width", "atlas_train@2", "atlas_he", "atlas_report"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
 
@@ -73,7 +75,7 @@ def baseline(tmp_path_factory, tiny_run) -> Baseline:
 
 def test_repro_runs_every_stage_and_writes_outputs(baseline):
     root = baseline.root
-    expected = {"download", "split", "report"}
+    expected = {"download", "split", "report"} | ATLAS_STAGES
     expected |= {f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS}
     assert stages_run(baseline.repro) == expected
     for rel in (
@@ -94,6 +96,49 @@ def test_repro_runs_every_stage_and_writes_outputs(baseline):
     assert baseline.dvc("status", "--json").stdout.strip() == "{}"
     tracked = run(["git", "ls-files"], cwd=root).stdout.split()
     assert "data/raw/names.txt" not in tracked
+
+
+def test_the_atlas_runs_in_the_pipeline(baseline):
+    """The tiny atlas (TINY_ATLAS): every stage's output, its run record saying where
+    the cells ran, and a page with every section of issue 15's item 6."""
+    root = baseline.root
+    for rel in ("init/d2.json", "train/d2.json", "width.json", "he.json"):
+        doc = json.loads((root / "data/atlas" / rel).read_text(encoding="utf-8"))
+        assert doc["cells"], rel
+    init = json.loads((root / "data/atlas/init/d2.json").read_text(encoding="utf-8"))
+    assert {(c["nonlinearity"], c["batchnorm"]) for c in init["cells"]} == {
+        (nl, bn) for nl in ("tanh", "relu") for bn in (False, True)
+    }
+    assert all(c["depth"] == 2 and len(c["seeds"]) == 2 for c in init["cells"])
+    for stage in sorted(ATLAS_STAGES - {"atlas_report"}):
+        rec = json.loads((root / "data/atlas/runs" / f"{stage}.json").read_text(encoding="utf-8"))
+        assert rec["stage"] == stage
+        dask = rec["dask"]
+        assert dask["embedded"] and dask["workers"] >= 1 and dask["cells"] >= 1, rec
+        assert all(a.startswith("tls://127.0.0.1:") for a in dask["worker_addresses"]), dask
+    page = (root / "reports/atlas.html").read_text(encoding="utf-8")
+    for anchor in ("trainability", "profiles", "gradients", "table", "width", "he", "cost"):
+        assert f'href="#{anchor}"' in page and f'id="{anchor}"' in page, anchor
+    assert page.count("<img") >= 5
+    metrics = json.loads((root / "reports/atlas.json").read_text(encoding="utf-8"))
+    assert metrics["trainability"] and metrics["he"].startswith("relu, 3 hidden layers")
+    assert any(k.startswith("gradient growth") for k in metrics["theory_vs_measured"])
+
+
+def test_adding_an_atlas_depth_reruns_only_its_cells(baseline):
+    """A new depth in either grid runs that depth's matrix stage and the page, nothing
+    else; repro afterwards does nothing."""
+    try:
+        proc = baseline.dvc(
+            "exp", "run", "-n", "depth3", "-S", "atlas.depths=[2,3]",
+            "-S", "atlas.train.depths=[2,3]",
+        )  # fmt: skip
+        assert stages_run(proc) == {"atlas_init@3", "atlas_train@3", "atlas_report"}
+        again = baseline.dvc("repro")
+        assert stages_run(again) == set()
+        assert (baseline.root / "data/atlas/init/d3.json").is_file()
+    finally:
+        baseline.restore()
 
 
 def test_every_stage_writes_a_run_record_and_results_hold_none(baseline):
