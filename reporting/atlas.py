@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import math
+import warnings
 
 import matplotlib
 
@@ -46,7 +47,9 @@ def heatmaps(train_cells: list[dict]) -> str:
             key=lambda c: c["depth"],
         )
         gains, depths = cells[0]["gains"], [c["depth"] for c in cells]
-        val = np.array([[np.nanmedian(arr(r)) for r in c["val_loss"]] for c in cells])
+        with warnings.catch_warnings():  # every seed diverged: no val loss, NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            val = np.array([[np.nanmedian(arr(r)) for r in c["val_loss"]] for c in cells])
         fig, ax = plt.subplots(figsize=(6, 3))
         cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # no val loss: diverged
         im = ax.imshow(val, aspect="auto", origin="lower", cmap=cmap, vmin=2.0, vmax=3.3)
@@ -75,42 +78,81 @@ def heatmaps(train_cells: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def profiles(cells: list[dict]) -> str:
-    """Deepest cell per nonlinearity, no BatchNorm: pre-activation std, saturated/zero
-    share and gradient std per layer, median and 10-90% band per gain, theory dashed."""
+def _grad_prediction(p: dict, c: dict, gi: int, bn: bool) -> np.ndarray | None:
+    """Predicted std(d loss / d x^l), l = 1..L, anchored at the measured layer L (the
+    theory gives ratios between layers; the output layer sets the scale)."""
+    L = c["depth"]
+    last = float(arr(c["stats"]["grad_std"]["median"])[gi, L - 1])
+    if not math.isfinite(last) or L < 2:
+        return None
+    if bn:
+        growth = p.get("grad_growth", math.nan)
+        if not math.isfinite(growth):
+            return None
+        return last * growth ** ((L - np.arange(1, L + 1)) / 2.0)
+    q = np.asarray(p["pre_std"], dtype=np.float64) ** 2
+    if not np.isfinite(q).all():
+        return None
+    g = c["gains"][gi]
+    return last * np.sqrt(theory.gradient_ratio(q, g, c["nonlinearity"]))
+
+
+# Panels of a profile figure: (statistic, y label, log scale, has a theory curve).
+PANELS = (
+    ("pre_std", "pre-activation std", True),
+    ("saturated", None, False),
+    ("grad_std", "std of d loss / d x^l (nats)", True),
+    ("act_std", "activation std", True),
+    ("grad_data", "grad:data ratio of W^l", True),
+    ("cosine", "cosine similarity, distinct contexts", False),
+)
+SHARE_LABEL = {"relu": "share of zeros", "tanh": "saturated share", "sigmoid": "saturated share"}
+
+
+def profiles(cells: list[dict], batch_size: int = 32) -> str:
+    """The deepest cell of every (nonlinearity, BatchNorm) family: per hidden layer
+    l = 1..L, the median and 10-90% band over seeds of each PANELS statistic per gain,
+    the theory's curve dashed where it has one (pre-activation and activation std,
+    saturated / zero share; the gradient std anchored at layer L)."""
     parts = []
     for nl in theory.NONLINEARITIES:
-        c = deepest(cells, nl, False)
-        if c is None:
-            continue
-        L = c["depth"]
-        layers = np.arange(1, L + 1)
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-        colours = _colours(len(c["gains"]))
-        for gi, (g, col) in enumerate(zip(c["gains"], colours, strict=True)):
-            p = predict(nl, g, L, input_ms(c, gi), threshold=c["threshold"])
-            for ax, stat, pred in (
-                (axes[0], "pre_std", p["pre_std"]),
-                (axes[1], "saturated", p["saturated"]),
-                (axes[2], "grad_std", None),
-            ):
-                s = c["stats"][stat]
-                med, lo, hi = (arr(s[k])[gi] for k in ("median", "q10", "q90"))
-                ax.plot(layers, med, color=col, label=f"gain {g:.2f}")
-                ax.fill_between(layers, lo, hi, color=col, alpha=0.2)
-                if pred is not None:
-                    ax.plot(layers, pred, color=col, ls="--", lw=1)
-        axes[0].set_yscale("log")
-        axes[2].set_yscale("log")
-        axes[0].set_ylabel("pre-activation std")
-        share = {"relu": "share of zeros", "tanh": "saturated share", "sigmoid": "saturated share"}
-        axes[1].set_ylabel(share.get(nl, "saturated share (n/a)"))
-        axes[2].set_ylabel("std of d loss / d x (nats)")
-        for ax in axes:
-            ax.set_xlabel("hidden layer l")
-        axes[0].set_title(f"{nl}, L={L}: measured (band 10-90%), theory dashed")
-        axes[2].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
-        parts.append(png(fig))
+        for bn in (False, True):
+            c = deepest(cells, nl, bn)
+            if c is None:
+                continue
+            L = c["depth"]
+            layers = np.arange(1, L + 1)
+            fig, axes = plt.subplots(2, 3, figsize=(13, 6.2))
+            colours = _colours(len(c["gains"]))
+            for gi, (g, col) in enumerate(zip(c["gains"], colours, strict=True)):
+                p = predict(nl, g, L, input_ms(c, gi), bn, batch_size, threshold=c["threshold"])
+                preds = {
+                    "pre_std": p["pre_std"],
+                    "saturated": p["saturated"],
+                    "act_std": p["act_std"],
+                    "grad_std": _grad_prediction(p, c, gi, bn),
+                }
+                for ax, (stat, _, _) in zip(axes.flat, PANELS, strict=True):
+                    st = c["stats"][stat]
+                    med, lo, hi = (arr(st[k])[gi] for k in ("median", "q10", "q90"))
+                    ax.plot(layers, med, color=col, label=f"gain {g:.2f}")
+                    ax.fill_between(layers, lo, hi, color=col, alpha=0.2)
+                    pred = preds.get(stat)
+                    if pred is not None and np.isfinite(np.asarray(pred, dtype=float)).any():
+                        ax.plot(layers, pred, color=col, ls="--", lw=1)
+            for ax, (stat, label, log) in zip(axes.flat, PANELS, strict=True):
+                if log:
+                    ax.set_yscale("log")
+                ax.set_xlabel("hidden layer l")
+                ax.set_ylabel(label or SHARE_LABEL.get(nl, "saturated share (none: no bound)"))
+                if stat == "saturated" and nl not in SHARE_LABEL:
+                    ax.text(0.5, 0.5, f"{nl} does not saturate", ha="center",
+                            transform=ax.transAxes)  # fmt: skip
+            fig.suptitle(f"{nl}, BatchNorm {'on' if bn else 'off'}, L={L}, width {c['width']}: "
+                         "measured (median, band 10-90% over seeds), theory dashed")  # fmt: skip
+            axes[0, 2].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+            fig.tight_layout()
+            parts.append(png(fig))
     return "\n".join(parts)
 
 

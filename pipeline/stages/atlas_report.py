@@ -84,7 +84,7 @@ def render(
     sections = [
         ("trainability", "Trainability: depth x gain", page.trainability_intro(cells["train"])
          + page.heatmaps(cells["train"])),
-        ("profiles", "Per-layer profiles at init", page.profiles(cells["init"])),
+        ("profiles", "Per-layer profiles at init", page.profiles(cells["init"], cfg.batch_size)),
         ("gradients", "Gradient ratio, first / last layer, against depth",
          page.gradient_ratio_figure(cells["init"], cfg.batch_size)),
         ("table", "Measured vs predicted", "<ul>" + "".join(f"<li>{s}</li>" for s in text)
