@@ -18,8 +18,13 @@ model-step / torch.bmm throughput on the engine's own shapes, measured here), an
 whether the canonical seed's losses equal the lecture's bit for bit; a 3-seed ensemble's
 losses, parameters and BatchNorm running buffers after 20 steps must be the lecture's
 loop's with the same seed within 1e-4 (asserted).
+Then the atlas row (``benchmarks/atlas_bench.py``): one depth-16 tanh architecture, 8
+gains x 4 seeds, 300 steps, as the depth atlas trains it (the batched engine) against
+the lecture's loop model by model and a torch.func ensemble, each in a fresh process on
+one thread, with peak memory; ``--only atlas`` runs it alone, ``--only networks`` skips it.
 Run: python -m benchmarks.bench [--steps 1000] [--deep-steps 300] [--seeds 1,8,64]
-The last line of output is one JSON object with every figure.
+     [--only networks|atlas] [--atlas-rounds 3] [--atlas-threads 1]
+The last line of output is one JSON object with every figure ('rows'; 'atlas').
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import atlas_bench
 from benchmarks.ensemble import NETWORKS, func_check, func_train
 from charlm import engine
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
@@ -190,6 +196,27 @@ def seeds(S: int) -> list[int]:
     return [CANONICAL, *range(1, S)]
 
 
+def bmm_seconds(shapes: list[tuple[tuple, tuple]], repeats: int = 5) -> float:
+    """Seconds of one pass of ``torch.bmm(A, B, out=...)`` over ``shapes`` ((A, B)
+    shapes, each (batch, rows, cols)) on one intra-op thread: the best of ``repeats``
+    means of 20 passes, random float32 operands."""
+    ops = [(torch.randn(a), torch.randn(b)) for a, b in shapes]
+    outs = [torch.empty(a[0], a[1], b[2]) for a, b in shapes]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                for (a, b), out in zip(ops, outs, strict=True):
+                    torch.bmm(a, b, out=out)
+            best = min(best, (time.perf_counter() - t0) / 20)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
 def gemm_limit(S: int, workers: int, kind: str = "shallow", repeats: int = 5) -> dict:
     """Time of the engine's torch.bmm calls per model-step, on its (padded) shapes.
 
@@ -209,21 +236,7 @@ def gemm_limit(S: int, workers: int, kind: str = "shallow", repeats: int = 5) ->
             s for k, n in LINEARS["deep"]
             for s in (((g, B, k), (g, k, n)), ((g, k, B), (g, B, n)), ((g, B, n), (g, n, k)))
         ]  # fmt: skip
-    ops = [(torch.randn(a), torch.randn(b)) for a, b in shapes]
-    outs = [torch.empty(a[0], a[1], b[2]) for a, b in shapes]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(20):
-                for (a, b), out in zip(ops, outs, strict=True):
-                    torch.bmm(a, b, out=out)
-            best = min(best, (time.perf_counter() - t0) / 20)
-    finally:
-        torch.set_num_threads(threads)
-    per_model = best / g * 1e6
+    per_model = bmm_seconds(shapes, repeats) / g * 1e6
     parallel = min(workers, len(groups))
     return {
         "group": g, "gemm_us_one_core": per_model,
@@ -321,6 +334,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; median")
     parser.add_argument("--workers", type=int, default=cpus,
                         help="engine worker threads (default: number of CPUs)")  # fmt: skip
+    parser.add_argument("--only", choices=("networks", "atlas"),
+                        help="one part: the networks' rows or the atlas row "
+                        "(default: both)")  # fmt: skip
+    atlas_bench.add_arguments(parser)
     args = parser.parse_args()
     seed_counts = [int(s) for s in args.seeds.split(",")]
     func_threads = sorted({int(t) for t in args.func_threads.split(",")})
@@ -330,22 +347,25 @@ def main() -> None:
     # threads (engine.train docstring); torch.func with each of --func-threads.
     torch.set_num_threads(1)
     X, Y, source = load_train_split()
-    print(f"data: {source}; {args.steps} steps per run ({args.deep_steps} deep, torch.func "
-          f"at most {args.func_steps}), median of {args.repeats} interleaved repeats; "
-          f"engine workers {args.workers}; torch {torch.__version__}")  # fmt: skip
+    if args.only != "atlas":
+        print(f"data: {source}; {args.steps} steps per run ({args.deep_steps} deep, "
+              f"torch.func at most {args.func_steps}), median of {args.repeats} interleaved "
+              f"repeats; engine workers {args.workers}; torch {torch.__version__}")  # fmt: skip
     rows = []
-    for variant in args.variants.split(","):
+    for variant in args.variants.split(",") if args.only != "atlas" else []:
         steps = args.deep_steps if variant.startswith("deep_") else args.steps
         func_steps = min(steps, args.func_steps)
         for row in measure(X, Y, variant, seed_counts, steps, args.repeats, args.workers,
                            func_steps, func_threads):  # fmt: skip
             rows.append(row)
             print_row(row, header=len(rows) == 1)
-    print(LEGEND)
+    if rows:
+        print(LEGEND)
+    atlas = atlas_bench.run_row(args) if args.only != "networks" else None
     print(json.dumps({
         "data": source, "steps": args.steps, "deep_steps": args.deep_steps,
         "func_steps": args.func_steps, "repeats": args.repeats, "workers": args.workers,
-        "gemm_flops_per_model_step": gemm_flops("shallow"), "rows": rows,
+        "gemm_flops_per_model_step": gemm_flops("shallow"), "rows": rows, "atlas": atlas,
     }))  # fmt: skip
 
 

@@ -17,6 +17,9 @@ them. So each BatchNorm returns its detached batch statistics next to the logits
 stacked buffers, with the lecture's formula under ``no_grad``.
 
 ``func_check`` compares an ensemble with the lecture's loop run seed by seed.
+``func_train_models`` trains given modules (the atlas row of ``make bench``: 32 deep
+nets of any depth, ``LectureDeepNet`` of the lecture's layer objects holding tensors
+copied out of the atlas's batched model).
 
 Minibatch indices: seed s draws ``randint(0, N, (k * B,))`` from its generator for k
 steps at a time (the same sequence as one draw per step, as in the engine).
@@ -113,21 +116,30 @@ class _Linear(nn.Module):
 
 
 class LectureDeepNet(nn.Module):
-    """The lecture's deep MLP (``deep_layers``), one model: idx (B, T) -> logits (B, V).
+    """A deep MLP of the lecture's layer objects, one model: idx (B, T) -> logits (B, V).
 
-    C (27, 10) then ``deep_layers(g, batchnorm)``, drawn from ``g`` in the lecture's
-    order; parameter and buffer names as ``charlm.layers.DeepMLP`` (``layers.i.weight``,
-    ``layers.i.gamma``, ``layers.i.running_mean`` ...). ``forward`` returns (logits,
-    (mean, var) of every BatchNorm in order), statistics (dim,) and detached.
+    ``C`` (V, E) and ``layers``, a list of the lecture's ``Linear``, ``BatchNorm1d`` and
+    ``Tanh`` (``from_seed``: the lecture's own ``deep_layers``; the atlas bench: any
+    depth), whose tensors become this module's parameters and buffers, named as
+    ``charlm.model.MLP`` (``layers.i.weight``, ``layers.i.gamma``,
+    ``layers.i.running_mean`` ...). ``forward`` returns (logits, (mean, var) of every
+    BatchNorm in order), statistics (dim,) and detached.
     """
 
     momentum = 0.1
 
-    def __init__(self, batchnorm: bool, g: torch.Generator):
+    @classmethod
+    def from_seed(cls, batchnorm: bool, g: torch.Generator) -> LectureDeepNet:
+        """The lecture's deep net: C (27, 10) then ``deep_layers(g, batchnorm)``, drawn
+        from ``g`` in the lecture's order."""
+        C = torch.randn((27, 10), generator=g)
+        return cls(C, deep_layers(g, batchnorm))
+
+    def __init__(self, C: torch.Tensor, layers: list):
         super().__init__()
-        self.C = nn.Parameter(torch.randn((27, 10), generator=g))
+        self.C = nn.Parameter(C)
         mods: list[nn.Module] = []
-        for layer in deep_layers(g, batchnorm):
+        for layer in layers:
             if isinstance(layer, Linear):
                 mods.append(_Linear(layer))
             elif isinstance(layer, BatchNorm1d):
@@ -162,7 +174,7 @@ NETWORKS = ("naive", "kaiming", "batchnorm", "deep_bn", "deep_tanh")
 def new_net(network: str, g: torch.Generator) -> LectureNet | LectureDeepNet:
     """One seed's model of ``network`` (one of ``NETWORKS``), drawn from ``g``."""
     if network.startswith("deep_"):
-        return LectureDeepNet(network == "deep_bn", g)
+        return LectureDeepNet.from_seed(network == "deep_bn", g)
     if network not in NETWORKS:
         raise ValueError(f"unknown network {network!r}; expected one of {NETWORKS}")
     return LectureNet(network, g)
@@ -187,13 +199,37 @@ def func_train(
             the one-layer networks, 150,000 for the deep ones).
 
     Returns:
-        dict: 'loss' float32 (max_steps, S) in nats; 'seconds' (training loop only,
-        wall time); 'params' and 'buffers': name -> stacked (S, ...) tensors.
+        ``func_train_models``'s dict.
     """
     if decay_step is None:
         decay_step = 150_000 if network.startswith("deep_") else 100_000
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     models = [new_net(network, g) for g in gens]
+    return func_train_models(X, Y, models, gens, max_steps, batch_size, decay_step)
+
+
+def func_train_models(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    models: list[LectureNet] | list[LectureDeepNet],
+    gens: list[torch.Generator],
+    max_steps: int,
+    batch_size: int,
+    decay_step: int,
+) -> dict:
+    """Train S single-model modules of one architecture as one ``torch.func`` ensemble.
+
+    Args:
+        X, Y: int64 (N, T) contexts and (N,) targets of the training split.
+        models: S modules with the same parameter names and shapes (their tensors are
+            copied by ``stack_module_state``; the modules are not changed).
+        gens: model s draws its minibatch indices from ``gens[s]`` (advanced).
+        decay_step: lr 0.1 for steps before it, 0.01 from it on.
+
+    Returns:
+        dict: 'loss' float32 (max_steps, S) in nats; 'seconds' (training loop only,
+        wall time); 'params' and 'buffers': name -> stacked (S, ...) tensors.
+    """
     params, buffers = stack_module_state(models)
     params = {k: v.detach() for k, v in params.items()}
     base = copy.deepcopy(models[0]).to("meta")  # the tutorial's stateless skeleton
@@ -207,7 +243,7 @@ def func_train(
 
     step = vmap(grad(loss_fn, has_aux=True))  # over params, buffers, Xb, Yb (dim 0)
     plist = list(params.values())
-    S, N = len(seeds), X.shape[0]
+    S, N = len(gens), X.shape[0]
     losses = torch.empty(max_steps, S)
     t0 = time.perf_counter()
     for start in range(0, max_steps, CHUNK):

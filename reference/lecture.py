@@ -215,6 +215,24 @@ def lecture_deep_train(
     g = torch.Generator().manual_seed(seed)
     C = torch.randn((27, 10), generator=g)
     layers = deep_layers(g, batchnorm)
+    return lecture_layers_train(C, layers, g, Xtr, Ytr, max_steps, batch_size, decay_step, debug)
+
+
+def lecture_layers_train(
+    C: torch.Tensor,
+    layers: list,
+    g: torch.Generator,
+    Xtr: torch.Tensor,
+    Ytr: torch.Tensor,
+    max_steps: int,
+    batch_size: int = 32,
+    decay_step: int = 150_000,
+    debug: bool = True,
+) -> dict:
+    """``lecture_deep_train``'s loop on a given model: C (V, E) and ``layers`` (the
+    lecture's ``Linear`` / ``BatchNorm1d`` / ``Tanh`` objects, any depth), trained in
+    place; minibatch indices drawn from ``g``, one ``randint(0, n, (batch_size,))`` per
+    step. Returns ``lecture_deep_train``'s dict."""
     parameters = [C] + [p for layer in layers for p in layer.parameters()]
     for p in parameters:
         p.requires_grad = True

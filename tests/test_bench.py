@@ -1,5 +1,6 @@
 """``make bench`` end to end on a few steps: every network's row has the lecture, the
-engine and the ``torch.func`` ensemble, and the ensemble computes the lecture's losses.
+engine and the ``torch.func`` ensemble, and the ensemble computes the lecture's losses;
+the atlas row (``--only atlas``) runs its three methods on the same 32 models.
 
 Run as a subprocess (benchmarks/ is not imported by tests, see test_imports.py); the
 bench itself asserts that the ensemble's first 20 losses of each of its first seeds are
@@ -23,9 +24,12 @@ KEYS = ("loss", "params", "buffers")
 
 def test_bench_rows_have_the_func_column_and_match_the_lecture(names_path: Path) -> None:
     cmd = [sys.executable, "-m", "benchmarks.bench", "--steps", "20", "--deep-steps", "20",
-           "--seeds", "2", "--repeats", "1", "--workers", "2", "--func-threads", "1"]  # fmt: skip
+           "--seeds", "2", "--repeats", "1", "--workers", "2", "--func-threads", "1",
+           "--only", "networks"]  # fmt: skip
     out = run(cmd, ROOT, env={"NAMES_MIRROR": str(names_path)}, timeout=600)
-    rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["atlas"] is None
+    rows = doc["rows"]
     assert [(r["variant"], r["seeds"]) for r in rows] == [(n, 2) for n in NETWORKS]
     for r in rows:
         for key in ("lecture_us_per_step", "engine_us_per_model_step", "speedup",
@@ -36,3 +40,24 @@ def test_bench_rows_have_the_func_column_and_match_the_lecture(names_path: Path)
         deep = r["variant"].startswith("deep_")
         assert r["canonical_seed_bitwise_equal_to_lecture"] is not deep, r["variant"]
         assert r["canonical_seed_max_abs_loss_diff"] <= 1e-5, r["variant"]
+
+
+def test_bench_atlas_row_trains_the_same_models_three_ways(names_path: Path) -> None:
+    # depth 16 as in make bench, but 8 units and 3 steps: a smoke test, no timing asserted
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--only", "atlas", "--atlas-steps", "3",
+           "--atlas-width", "8", "--atlas-rounds", "1"]  # fmt: skip
+    out = run(cmd, ROOT, env={"NAMES_MIRROR": str(names_path)}, timeout=600)
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["rows"] == []
+    atlas = doc["atlas"]
+    assert (atlas["depth"], atlas["width"], atlas["steps"]) == (16, 8, 3)
+    assert len(set(atlas["gains"])) == 8 and len(atlas["seeds"]) == 4 and atlas["models"] == 32
+    assert min(atlas["gains"]) < 5 / 3 < max(atlas["gains"])
+    for m in ("batched", "lecture", "func"):
+        assert atlas[f"{m}_seconds"] > 0 and atlas[f"{m}_peak_rss_mb"] > 0, m
+        assert atlas[f"{m}_threads"] == 1, m
+        # same init and minibatches: the bench asserts the first losses within 1e-4
+        assert atlas[f"{m}_first_loss_max_abs_diff"] <= 1e-4, m
+        assert atlas[f"{m}_non_finite"] == 0, m
+        assert atlas[f"{m}_final_loss_abs_diff_median"] <= 1e-4, m
+    assert "budget: batched >= 6x the lecture's loop" in out.stdout
