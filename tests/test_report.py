@@ -24,7 +24,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from support import run, strict_json
+from support import contents_problems, run, strict_json
 
 from charlm import artefacts
 from charlm.diagnostics import activation_summary
@@ -139,6 +139,80 @@ def test_html_export_loads_nothing_from_the_network():
     assert "cdnjs" not in page and "unpkg" not in page and "mathjax" not in page.lower()
     assert 'href="http' not in page and "@import" not in page
     assert "<title>report</title>" in page
+
+
+def contents_notebook(batchnorm: bool) -> nbformat.NotebookNode:
+    """A notebook shaped like the report's: a title, markdown sections, subsections, a
+    section emitted by a code cell only for some runs (as BatchNorm's is), a heading
+    repeated, and one written as raw HTML without an id."""
+    v4 = nbformat.v4
+    cells = [
+        v4.new_markdown_cell("# Title\n\nThe summary."),
+        v4.new_markdown_cell("## This run\n\ntext"),
+        v4.new_markdown_cell("## Across seeds"),
+        v4.new_markdown_cell("### Paired comparisons of the validation loss"),
+        v4.new_markdown_cell("### By architecture"),
+        v4.new_code_cell("x"),
+        v4.new_markdown_cell("## Samples"),
+        v4.new_markdown_cell("#### naive"),  # below h3: not in the contents
+        v4.new_markdown_cell("## Samples"),
+        v4.new_code_cell("y"),
+        v4.new_markdown_cell("## The depth atlas\n\n[atlas.html](atlas.html)"),
+    ]
+    if batchnorm:
+        cells[5].outputs = [v4.new_output("display_data", data={
+            "text/markdown": "## BatchNorm: running statistics vs calibrated ones\n\ntext",
+            "text/plain": "<IPython.core.display.Markdown object>"})]  # fmt: skip
+    cells[9].outputs = [v4.new_output("display_data", data={
+        "text/html": "<h2>Raw &amp; HTML</h2>", "text/plain": "x"})]  # fmt: skip
+    return v4.new_notebook(cells=cells)
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_table_of_contents_links_every_section_that_renders(batchnorm):
+    nb = contents_notebook(batchnorm)
+    page = report.to_html(nb)
+    assert contents_problems(page) == []
+    nav = re.search(r'<nav class="report-contents".*?</nav>', page, re.S).group(0)
+    assert page.index(nav) < page.index("<h2") and page.index("<h1") < page.index(nav)
+    titles = re.findall(r"<a href=[^>]*>([^<]*)</a>", nav)
+    assert titles == [
+        "This run", "Across seeds", "Paired comparisons of the validation loss",
+        "By architecture",
+        *(["BatchNorm: running statistics vs calibrated ones"] if batchnorm else []),
+        "Samples", "Samples", "Raw &amp; HTML", "The depth atlas",
+    ]  # fmt: skip
+    # nbconvert's own ids (checked in this nbconvert version), a suffix for the repeat
+    # and an id for the heading that had none
+    hrefs = re.findall(r'<a href="([^"]*)"', nav)
+    assert "#Across-seeds" in hrefs and "#Samples" in hrefs and "#Samples-2" in hrefs
+    assert "#Raw-&amp;-HTML" in hrefs
+    assert ('href="#BatchNorm:-running-statistics-vs-calibrated-ones"' in nav) == batchnorm
+    assert report.to_html(nb) == page  # deterministic
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("drop the contents", "no table of contents"),
+        ("a link to no id", "0 elements have that id"),
+        ("a section not listed", "missing: ['Across seeds']"),
+        ("contents after the first section", "after the first section"),
+    ],
+)
+def test_contents_check_catches_a_broken_table_of_contents(fault, expected):
+    """The checker itself: each fault in a good page gives its problem."""
+    page = report.to_html(contents_notebook(True))
+    nav = re.search(r'<nav class="report-contents".*?</nav>\n', page, re.S).group(0)
+    if fault == "drop the contents":
+        bad = page.replace(nav, "")
+    elif fault == "a link to no id":
+        bad = page.replace('href="#This-run">', 'href="#This-run-typo">', 1)
+    elif fault == "a section not listed":
+        bad = page.replace('<li><a href="#Across-seeds">Across seeds</a>', "<li>", 1)
+    else:
+        bad = page.replace(nav, "").replace("</body>", nav + "</body>")
+    assert any(expected in p for p in contents_problems(bad)), contents_problems(bad)
 
 
 def test_make_deterministic_drops_times_paths_and_random_ids():
