@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -246,15 +247,16 @@ def test_parameter_counts_of_every_variant():
 def test_variants_are_compared_when_they_differ_in_one_knob_at_most():
     inputs = make_inputs()
     # naive and kaiming differ in their init only; deep_bn and deep_tanh in BatchNorm;
-    # a one-layer and a deep variant differ in depth and width: never compared
+    # a one-layer and a deep variant differ in depth and width: never compared. Each
+    # pair is listed higher loss first (deep_tanh's val loss is the higher one)
     assert [(c.a, c.b) for c in rs.comparisons(inputs)] == [
         ("naive", "kaiming"),
-        ("deep_bn", "deep_tanh"),
+        ("deep_tanh", "deep_bn"),
     ]
     assert rs.compared_knob(inputs, "naive", "kaiming") == "init / training"
     # the lecture's two deep nets also differ in their init (gain 1 vs 5/3): said so
     assert rs.compared_knob(inputs, "deep_bn", "deep_tanh") == "BatchNorm, init"
-    assert [(c.a, c.b) for c in rv.depth_comparisons(inputs)] == [("deep_bn", "deep_tanh")]
+    assert [(c.a, c.b) for c in rv.depth_comparisons(inputs)] == [("deep_tanh", "deep_bn")]
     # the summary ranks the variants comparable with the first: deep_bn never its "runner-up"
     assert "deep" not in rs.summary_paragraph(inputs)
     rows = rv.paired_rows(rs.comparisons(inputs), inputs)
@@ -699,3 +701,65 @@ def test_summary_counts_seeds_per_variant_as_they_ran():
     m["per_seed"] = {k: v[:1] for k, v in m["per_seed"].items()}
     assert "Over 1 to 3 seeds per variant" in rs.summary_paragraph(inputs)
     assert "Over 3 seeds per variant" in rs.summary_paragraph(make_inputs(["naive", "kaiming"]))
+
+
+# ---- one report, one way: differences, layer numbers, seeds, axes (the issue's audit) ------
+
+
+def swapped_deep(inputs: rs.Inputs) -> rs.Inputs:
+    """``inputs`` with deep_bn and deep_tanh's losses swapped: BatchNorm loses."""
+    m = inputs.metrics
+    m["deep_bn"], m["deep_tanh"] = m["deep_tanh"], m["deep_bn"]
+    return inputs
+
+
+NUM = r"([+-]?\d+\.\d{4})"
+DIFF = "mean difference (first - second)"  # the paired table's column
+
+
+@pytest.mark.parametrize("batchnorm_wins", [True, False])
+def test_every_sentence_states_its_difference_as_the_paired_table_does(batchnorm_wins):
+    """'B beats A by d' stands beside 'A - B = +d', and the paired table has the row
+    first A, second B with mean +d and the same interval: every sentence of the report
+    that states a paired difference (summary, depth verdict, the verdicts under the
+    table) does it in the table's direction, higher loss minus lower loss."""
+    from reporting import intervals as ri
+
+    inputs = make_inputs() if batchnorm_wins else swapped_deep(make_inputs())
+    comps = rs.comparisons(inputs)
+    rows = {(r["first"], r["second"]): r for r in rv.paired_rows(comps, inputs)}
+
+    def table_says(a: str, b: str, d: str, lo: str, hi: str) -> None:
+        assert (a, b) in rows, f"the table has no row {a} - {b}: {list(rows)}"
+        r = rows[(a, b)]
+        assert f"{r[DIFF]:+.4f}" == d, (a, b, d)
+        assert (f"{r['95% CI low']:+.4f}", f"{r['95% CI high']:+.4f}") == (lo, hi)
+
+    assert all(r[DIFF] > 0 for r in rows.values())
+    for c in comps:  # the verdicts under the table
+        text = ri.verdict(c, rs.spread(inputs, c.a), rs.spread(inputs, c.b))
+        m = re.search(rf"(\w+) beats (\w+) by (\d+\.\d{{4}}) nats \(95% CI of (\w+) - (\w+): "
+                      rf"\[{NUM}, {NUM}\]", text)  # fmt: skip
+        assert m, text
+        better, worse, gap, a, b, lo, hi = m.groups()
+        assert (a, b) == (worse, better), text  # 'B beats A by d': A - B
+        table_says(a, b, f"+{gap}", lo, hi)
+    depth = rv.depth_sentence(inputs)
+    m = re.search(rf"(beats|loses to) no BatchNorm \(deep_tanh\) by (\d+\.\d{{4}}) nats of "
+                  rf"val loss \((\w+) - (\w+) = {NUM}, paired 95% CI \[{NUM}, {NUM}\]\)",
+                  depth)  # fmt: skip
+    assert m, depth
+    verb, gap, a, b, d, lo, hi = m.groups()
+    assert verb == ("beats" if batchnorm_wins else "loses to")
+    # 'BatchNorm beats no BatchNorm by d': without - with = +d (and the other way round)
+    assert (a, b) == (("deep_tanh", "deep_bn") if batchnorm_wins else ("deep_bn", "deep_tanh"))
+    assert d == f"+{gap}"
+    table_says(a, b, d, lo, hi)
+    summary = rs.summary_paragraph(inputs)
+    m = re.search(rf"The runner-up, (\w+), is \d+\.\d{{4}} nats behind; paired by seed, "
+                  rf"(\w+) - (\w+) = {NUM} \(95% CI \[{NUM}, {NUM}\]", summary)  # fmt: skip
+    assert m, summary
+    runner, a, b, d, lo, hi = m.groups()
+    assert a == runner and d.startswith("+")
+    table_says(a, b, d, lo, hi)
+    assert len(comps) == 2
