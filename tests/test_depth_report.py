@@ -613,7 +613,9 @@ def test_report_renders_params_in_every_yaml_number_spelling(tmp_path):
     inputs = make_inputs()
     write_eval_dir(tmp_path, inputs)
     spelled = tmp_path / "spelled.yaml"
-    spelled.write_text(SPELLED.format(sha="0" * 64), encoding="utf-8")
+    # the atlas section (read by the atlas stages only) as the defaults, spelled plainly
+    atlas = yaml.safe_dump({"atlas": params_yaml(inputs.params)["atlas"]}, sort_keys=False)
+    spelled.write_text(SPELLED.format(sha="0" * 64) + atlas, encoding="utf-8")
     p = params_file.validate(spelled)  # every stage accepts it
     assert (p.split.seed, p.model.n_embd, p.train.lr, p.train.max_steps) == (42, 10, 0.1, 2000)
     assert p.train.seeds == SEEDS and p.evaluate.probe_seed == 7
