@@ -341,6 +341,19 @@ def first_good_seed(inputs: Inputs, v: str) -> int | None:
     return next((i for i, bad in enumerate(diverged(inputs, v)) if not bad), None)
 
 
+CANONICAL = "canonical seed"  # what the report calls a variant's first seed, everywhere
+
+
+def seed_name(inputs: Inputs, v: str, index: int) -> str:
+    """How the report names seed ``index`` (0-based) of variant ``v`` in figures and
+    tables: 'canonical seed' for the first (``CANONICAL``: the first of the variant's
+    ``train.seeds``, the lecture's generator seed unless the variant sets its own
+    seeds), else 'seed <its generator seed>' (shown when the canonical one diverged)."""
+    if index == 0:
+        return CANONICAL
+    return f"seed {inputs.metrics[v]['seeds'][index]}"
+
+
 # ---- sentences --------------------------------------------------------------------------
 
 
