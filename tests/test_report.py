@@ -24,6 +24,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+import yaml
 from support import contents_problems, run, strict_json
 
 from charlm import artefacts
@@ -40,7 +41,7 @@ SECTIONS = (
     "Paired comparisons of the validation loss", "Training loss", "Loss at step 0",
     "Hidden activations on a fixed probe batch", "Gradients at initialisation",
     "Update:data ratio over training", "BatchNorm: running statistics vs calibrated ones",
-    "Layer by layer during training", "Samples", "Parameters used",
+    "Layer by layer during training", "Samples", "The depth atlas", "Parameters used",
 )  # fmt: skip
 # Offline and quiet: no background services, updates, first-run pages or GPU.
 CHROMIUM_FLAGS = [
@@ -215,6 +216,28 @@ def test_contents_check_catches_a_broken_table_of_contents(fault, expected):
     assert any(expected in p for p in contents_problems(bad)), contents_problems(bad)
 
 
+def test_atlas_link_points_beside_the_report_and_the_report_reads_no_atlas_output():
+    """The template's relative link 'atlas.html' resolves, from where the report stage
+    writes report.html, to the page the atlas_report stage writes (dvc.yaml), and the
+    report stage depends on nothing of the atlas (a link only: its deps and params are
+    those of the report)."""
+    from support import ROOT
+
+    nb = json.loads((ROOT / "reporting" / "template.ipynb").read_text(encoding="utf-8"))
+    text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    (href,) = re.findall(r"\]\(([^)]*atlas[^)]*)\)", text)
+    assert "`dvc repro atlas_report`" in text
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+    def html_out(stage: str) -> Path:
+        return Path(re.search(r"--html (\S+)", stages[stage]["cmd"]).group(1))
+
+    assert (html_out("report").parent / href) == html_out("atlas_report")
+    deps = stages["report"]["deps"]
+    assert not [d for d in deps if "atlas" in d], deps
+    assert "atlas" not in stages["report"]["params"]
+
+
 def test_make_deterministic_drops_times_paths_and_random_ids():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
     nb.cells[0].metadata = {
@@ -255,6 +278,9 @@ class PageVisit:
     page_errors: list[str] = field(default_factory=list)  # uncaught exceptions
     images: list[dict] = field(default_factory=list)  # one entry per <img>, see IMAGES_JS
     text: str = ""  # document.body.innerText
+    contents: list[dict] = field(default_factory=list)  # table-of-contents links, CONTENTS_JS
+    links: dict[str, str] = field(default_factory=dict)  # other links: text -> absolute URL
+    jump: dict | None = None  # after clicking a contents link (``visit_page(jump_to=...)``)
 
 
 IMAGES_JS = """Array.from(document.images).map(img => {
@@ -264,12 +290,28 @@ IMAGES_JS = """Array.from(document.images).map(img => {
 })"""
 
 
-def visit_page(chromium, page: Path) -> PageVisit:
+# Each table-of-contents link: its text, its href and whether the browser finds the
+# element it points to (the fragment as the id, as a click looks it up first).
+CONTENTS_JS = """Array.from(document.querySelectorAll('nav.report-contents a')).map(a => ({
+  text: a.textContent, href: a.getAttribute('href'),
+  found: document.getElementById(a.getAttribute('href').slice(1)) !== null}))"""
+LINKS_JS = """Object.fromEntries(Array.from(document.querySelectorAll('a[href]'))
+  .filter(a => !a.closest('nav.report-contents') && !a.classList.contains('anchor-link'))
+  .map(a => [a.textContent, a.href]))"""
+# After a click on a contents link: the URL's fragment and where its target now sits.
+JUMP_JS = """(() => { const id = decodeURIComponent(location.hash.slice(1));
+  const el = document.getElementById(id) || document.getElementById(location.hash.slice(1));
+  return {hash: location.hash, top: el ? el.getBoundingClientRect().top : null,
+          scrolled: window.scrollY}; })()"""
+
+
+def visit_page(chromium, page: Path, jump_to: str | None = None) -> PageVisit:
     """Open ``page`` in a fresh context of the Playwright browser ``chromium``.
 
     Every request other than file:// is recorded and aborted, so nothing leaves the
     machine; returns once the page has loaded, the network has been idle for 500 ms (late
-    requests and messages are caught) and every image is complete.
+    requests and messages are caught) and every image is complete. With ``jump_to``,
+    clicks the table-of-contents link of that text last (``PageVisit.jump``).
     """
     out = PageVisit()
 
@@ -295,6 +337,12 @@ def visit_page(chromium, page: Path) -> PageVisit:
         tab.wait_for_function("Array.from(document.images).every(i => i.complete)")
         out.images = tab.evaluate(IMAGES_JS)
         out.text = tab.inner_text("body")
+        out.contents = tab.evaluate(CONTENTS_JS)
+        out.links = tab.evaluate(LINKS_JS)
+        if jump_to is not None:
+            tab.click(f'nav.report-contents a:text-is("{jump_to}")')
+            tab.wait_for_function("location.hash !== ''")
+            out.jump = tab.evaluate(JUMP_JS)
     finally:
         context.close()
     return out
@@ -415,8 +463,18 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     page = root / "reports" / "report.html"
     text = page.read_text(encoding="utf-8")
     assert "<script src=" not in text and 'href="http' not in text
-    visit = browser(page)
+    visit = browser(page, jump_to="Training loss")
     assert_complete_page(visit)
+    # the table of contents: every section, every link resolves, in the file and in the
+    # browser, and a click brings its section to the top of the window
+    assert contents_problems(text) == []
+    assert [c for c in visit.contents if not c["found"]] == []
+    listed = [c["text"] for c in visit.contents]
+    assert [s for s in SECTIONS if s not in listed] == []
+    assert visit.jump["hash"] == "#Training-loss" and visit.jump["scrolled"] > 0
+    assert abs(visit.jump["top"]) < 5, visit.jump
+    # the atlas page is linked where the atlas_report stage writes it (beside the report)
+    assert visit.links["atlas.html"] == (root / "reports" / "atlas.html").as_uri()
     assert len(visit.images) == expected_figures(root)
     summary = visit.text.split("This run")[0]
     assert "reaches the lowest mean validation loss" in summary
@@ -430,7 +488,8 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     assert sorted(undrawn) == sorted(
         f"Not drawn: {v}, {short}" for v in short_of_snapshot(root) for _ in (0, 1, 2)
     ), undrawn
-    header = visit.text.split("This run")[1].split("Split losses beside")[0]
+    # the section, not its entry in the table of contents: the text after the last "This run"
+    header = visit.text.split("This run")[-1].split("Split losses beside")[0]
     for stage in ("download", "split", "train@kaiming", "evaluate@batchnorm"):
         assert stage in header, f"no run record of {stage} in the header"
     assert "not recorded" not in header
