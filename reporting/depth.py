@@ -20,6 +20,7 @@ import numpy as np
 from charlm.artefacts import Snapshot
 from reporting.figures import (
     LEGEND_MAX,
+    WEIGHT_INDEX,
     Drawn,
     Note,
     _blank,
@@ -35,6 +36,7 @@ from reporting.stats import (
     hidden_label,
     no_saturation,
     saturation_rule,
+    seed_name,
     weight_labels,
 )
 
@@ -94,16 +96,18 @@ def _lines(ax, series: list[tuple[str, np.ndarray]], title: str, xlabel: str) ->
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     if many:
-        layer_colorbar(ax.figure, ax, len(series), _index_label(series))
+        label, start = _index_label(series)
+        layer_colorbar(ax.figure, ax, len(series), label, start)
     else:
         legend_outside(ax)
     return skipped
 
 
-def _index_label(series: list[tuple[str, np.ndarray]]) -> str:
-    """The colour bar's label: hidden layers, or weight matrices (C, W1, ...)."""
+def _index_label(series: list[tuple[str, np.ndarray]]) -> tuple[str, int]:
+    """The colour bar's label and first number: hidden layers 1..L, or weight matrices
+    numbered as named (0: C, k: Wk)."""
     first = series[0][0]
-    return "hidden layer" if first.startswith("layer") else "weight matrix (1: C, 2: W1, ...)"
+    return ("hidden layer", 1) if first.startswith("layer") else (WEIGHT_INDEX, 0)
 
 
 def _per_moment(inputs: Inputs, v: str, what: str, series_of, xlabel: str) -> Drawn:
@@ -128,7 +132,7 @@ def _per_moment(inputs: Inputs, v: str, what: str, series_of, xlabel: str) -> Dr
             _blank(ax, f"no {what}")
             notes.append(Note(f"{v}, {when}: no {what} recorded."))
             continue
-        title = f"{v}, {what} ({_step_words(when, snap)}, seed #{seed})"
+        title = f"{v}, {what} ({_step_words(when, snap)}, {seed_name(inputs, v, seed)})"
         skipped = _lines(ax, series, title, xlabel)
         if len(skipped) == len(series):
             _blank(ax, f"no finite, non-constant {what}")
@@ -219,9 +223,10 @@ def update_ratio_lines(inputs: Inputs, v: str) -> Drawn:
     ax.axhline(GUIDE, ls="--", c="k", lw=1, label="1e-3 guide")
     ax.set_xlabel("step")
     ax.set_ylabel("log10 update:data")
-    ax.set_title(f"{v}: update:data ratio over training (seed #{seed})", fontsize=10)
+    ax.set_title(f"{v}: update:data ratio over training ({seed_name(inputs, v, seed)})",
+                 fontsize=10)  # fmt: skip
     if many:
-        layer_colorbar(fig, ax, len(named), "weight matrix (1: C, 2: W1, ...)")
+        layer_colorbar(fig, ax, len(named), WEIGHT_INDEX, start=0)
     legend_outside(ax, ncols=1 if many else 2)
     fig.tight_layout()
     return fig, notes

@@ -31,6 +31,7 @@ from reporting.stats import (
     no_saturation,
     nonlinearity,
     saturation_rule,
+    seed_name,
     variant,
     weight_labels,
 )
@@ -66,12 +67,18 @@ def layer_colors(n: int) -> list:
     return [cmap(i / max(n - 1, 1)) for i in range(n)]
 
 
-def layer_colorbar(fig: Figure, ax, n: int, label: str = "hidden layer") -> None:
-    """A colour bar numbering ``n`` series 1..n (the colours of ``layer_colors``)."""
+# The colour bar's label for weight matrices (``layer_colorbar(..., start=0)``): W_k is
+# the weight into hidden layer k (k = 1..L; W_{L+1} the output layer's), C is 0.
+WEIGHT_INDEX = "weight matrix k = Wk (0: C)"
+
+
+def layer_colorbar(fig: Figure, ax, n: int, label: str = "hidden layer", start: int = 1) -> None:
+    """A colour bar numbering ``n`` series start..start + n - 1 (the colours of
+    ``layer_colors``): hidden layers 1..L, or weight matrices 0 (C), 1 (W1), ..."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    sm = ScalarMappable(norm=Normalize(1, max(n, 2)), cmap=LAYER_CMAP)
+    sm = ScalarMappable(norm=Normalize(start, start + max(n, 2) - 1), cmap=LAYER_CMAP)
     fig.colorbar(sm, ax=ax, label=label, pad=0.01, ticks=MaxNLocator(integer=True))
 
 
@@ -373,7 +380,7 @@ def activation_figure(inputs: Inputs, v: str, layer: int = 0) -> Drawn:
             notes.append(Note(msg + "."))
             continue
         hist(ax_h, vals, edges)
-        ax_h.set_title(f"h at {when} (seed #{s})", fontsize=10)
+        ax_h.set_title(f"h at {when} ({seed_name(inputs, v, s)})", fontsize=10)
         ax_h.set_xlabel(f"h ({kind} output)")
         ax_h.set_ylabel("density")
         if ax_i is None:
@@ -439,9 +446,9 @@ def gradient_rows(inputs: Inputs) -> list[dict]:
             ratio = g.grad_data_ratio.double()
             rows.append({
                 "variant": v, "weight": labels[w], "parameter": w,
-                "grad mean (seed 0)": f"{float(g.grad_mean[0]):+.3e}",
-                "grad std (seed 0)": f"{float(g.grad_std[0]):.3e}",
-                "grad:data (seed 0)": fmt(float(ratio[0]), 4),
+                "grad mean (canonical seed)": f"{float(g.grad_mean[0]):+.3e}",
+                "grad std (canonical seed)": f"{float(g.grad_std[0]):.3e}",
+                "grad:data (canonical seed)": fmt(float(ratio[0]), 4),
                 "grad:data over seeds": fmt_mean_std(ratio.tolist(), 4),
             })  # fmt: skip
     return rows
@@ -498,7 +505,7 @@ def update_ratio_figure(inputs: Inputs) -> Drawn:
         ax.set_ylabel("log10 update:data")
         ax.set_title(f"{v}: update:data (mean ± sd over seeds)", fontsize=10)
         if len(series) > LEGEND_MAX:
-            layer_colorbar(fig, ax, len(series), "weight matrix (1: C, 2: W1, ...)")
+            layer_colorbar(fig, ax, len(series), WEIGHT_INDEX, start=0)
         else:
             ax.legend(fontsize=7, ncols=2)
     fig.tight_layout()
@@ -538,12 +545,12 @@ def activation_depth_figure(inputs: Inputs, v: str) -> Drawn:
             if x.size:
                 grid[i] = np.histogram(x, bins=edges)[0] / x.size
         im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma",
-                       extent=(lo, hi, L + 0.5, 0.5))  # fmt: skip
+                       extent=(edges[0], edges[-1], L + 0.5, 0.5))  # fmt: skip
         fig.colorbar(im, ax=ax, label="share of the layer's h", pad=0.01)
         ax.set_xlabel(f"h ({kind} output)")
         ax.set_ylabel("hidden layer")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"h per layer at {when} (seed #{s})", fontsize=10)
+        ax.set_title(f"h per layer at {when} ({seed_name(inputs, v, s)})", fontsize=10)
         ax.grid(False)
         if any(x.size == 0 for x in values[when]):
             notes.append(Note(f"{v}, {when}: some layers have no finite h (blank rows).", True))
@@ -552,7 +559,7 @@ def activation_depth_figure(inputs: Inputs, v: str) -> Drawn:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for when, s in seeds.items():
         stds = [float(x.std()) if x.size else np.nan for x in values[when]]
-        axes[2].plot(idx, stds, marker="o", ms=3, label=f"{when} (seed #{s})")
+        axes[2].plot(idx, stds, marker="o", ms=3, label=f"{when} ({seed_name(inputs, v, s)})")
     axes[2].set_xlabel("hidden layer")
     axes[2].set_ylabel("std of h")
     axes[2].set_title("spread of h per layer", fontsize=10)
@@ -560,7 +567,7 @@ def activation_depth_figure(inputs: Inputs, v: str) -> Drawn:
     if rule is not None:
         for when, s in seeds.items():
             share = [100 * float(a.activations[when].image[s].float().mean()) for a in layers]
-            axes[3].plot(idx, share, marker="o", ms=3, label=f"{when} (seed #{s})")
+            axes[3].plot(idx, share, marker="o", ms=3, label=f"{when} ({seed_name(inputs, v, s)})")
         axes[3].set_xlabel("hidden layer")
         axes[3].set_ylabel(f"% of h with {rule}")
         flat = "zero (off)" if kind == "relu" else "saturated"
@@ -579,11 +586,13 @@ def activation_depth_figure(inputs: Inputs, v: str) -> Drawn:
 
 def batchnorm_label(inputs: Inputs, v: str, index: int) -> str:
     """The BatchNorm module ``index`` (0-based, layer order) of variant ``v`` in words:
-    'before hidden layer i' (numbered 1..L) or 'output layer', from its VariantConfig
-    (``batchnorm``: one per hidden layer; ``batchnorm_output``: one after the output)."""
+    'of hidden layer i' (numbered 1..L, as everywhere in the report; the BatchNorm sits
+    between the layer's Linear and its nonlinearity) or 'of the output layer', from its
+    VariantConfig (``batchnorm``: one per hidden layer; ``batchnorm_output``: one after
+    the output Linear). Never the module's index in the model."""
     c = variant(inputs, v)
     hidden = c.layers if c.batchnorm else 0
-    return f"before hidden layer {index + 1}" if index < hidden else "output layer"
+    return f"of hidden layer {index + 1}" if index < hidden else "of the output layer"
 
 
 def batchnorm_figure(inputs: Inputs, v: str) -> Drawn:
@@ -593,7 +602,7 @@ def batchnorm_figure(inputs: Inputs, v: str) -> Drawn:
     fig, axes = plt.subplots(len(layers), 2, figsize=(12, 3.4 * len(layers)), squeeze=False)
     notes = []
     for i, (row, bn) in enumerate(zip(axes, layers.values(), strict=True)):
-        label = f"{v}, BatchNorm {batchnorm_label(inputs, v, i)}"  # module layers.i
+        label = f"{v}, BatchNorm {batchnorm_label(inputs, v, i)}"
         for ax, stat in zip(row, ("mean", "std"), strict=True):
             run = getattr(bn, f"running_{stat}").double()
             cal = getattr(bn, f"calibrated_{stat}")

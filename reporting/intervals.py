@@ -2,11 +2,12 @@
 
 Seed i of one variant starts from the same generator seed as seed i of the other, so
 the seeds pair by index and the comparison is on the per-seed differences
-d_i = a_i - b_i. Both intervals come from scipy.stats: the paired t interval
-(``ttest_rel(a, b).confidence_interval``) and a percentile bootstrap of mean(d)
-(``bootstrap``) drawn from a generator with a fixed seed, so the report is
-deterministic. Pure functions; missing values (None, NaN, infinity: a diverged seed)
-drop the pair.
+d_i = a_i - b_i. The report states every difference as (higher loss) - (lower loss)
+(``oriented``), in its tables and its sentences alike. Both intervals come from
+scipy.stats: the paired t interval (``ttest_rel(a, b).confidence_interval``) and a
+percentile bootstrap of mean(d) (``bootstrap``) drawn from a generator with a fixed
+seed, so the report is deterministic. Pure functions; missing values (None, NaN,
+infinity: a diverged seed) drop the pair.
 """
 
 from __future__ import annotations
@@ -102,8 +103,27 @@ def paired_difference(
     )
 
 
+def oriented(c: Paired) -> Paired:
+    """``c`` as (higher loss) - (lower loss): the pair swapped and every difference
+    negated when the mean difference is negative, so that it is >= 0 and reads as the
+    report's sentences read ("B beats A by d" beside "A - B = +d"). Unchanged when the
+    mean is missing or not negative (sd and t do not depend on the direction)."""
+    if c.mean is None or c.mean >= 0:
+        return c
+
+    def neg(x: float | None) -> float | None:
+        return None if x is None else -x
+
+    return Paired(
+        c.b, c.a, c.n, -c.mean, c.sd, neg(c.hi), neg(c.lo), c.t, neg(c.boot_hi), neg(c.boot_lo)
+    )
+
+
 def verdict(c: Paired, spread_a: float | None, spread_b: float | None) -> str:
-    """One sentence on a paired comparison (val loss, nats; lower is better)."""
+    """One sentence on a paired comparison (val loss, nats; lower is better), always in
+    the direction of ``oriented``: the difference it states is (higher loss) - (lower
+    loss), as the paired table gives it."""
+    c = oriented(c)
     if c.mean is None:
         return (
             f"{c.a} vs {c.b}: no seed value that both ran has a finite loss in both (they "
@@ -111,11 +131,10 @@ def verdict(c: Paired, spread_a: float | None, spread_b: float | None) -> str:
         )
     if c.lo is None:
         return (
-            f"{c.a} vs {c.b}: only {c.n} paired seed, difference {c.mean:+.4f}; "
+            f"{c.a} vs {c.b}: only {c.n} paired seed, {c.a} - {c.b} = {c.mean:+.4f}; "
             f"an interval needs at least two."
         )
-    better, worse = (c.a, c.b) if c.mean < 0 else (c.b, c.a)
-    gap = abs(c.mean)
+    better, worse, gap = c.b, c.a, c.mean
     spreads = [s for s in (spread_a, spread_b) if s is not None]
     if spreads:
         sd = max(spreads)
@@ -123,13 +142,10 @@ def verdict(c: Paired, spread_a: float | None, spread_b: float | None) -> str:
         spread_words = f"; the gap is {beyond} than the seed-to-seed sd ({sd:.4f})"
     else:
         spread_words = ""
-    if c.lo > 0 or c.hi < 0:
-        # state the interval of worse - better, so every verdict reads as a positive gap
-        lo, hi = (-c.hi, -c.lo) if better == c.a else (c.lo, c.hi)
-        ci = f"95% CI of {worse} - {better}: [{lo:+.4f}, {hi:+.4f}], {c.n} pairs"
+    ci = f"95% CI of {worse} - {better}: [{c.lo:+.4f}, {c.hi:+.4f}], {c.n} pairs"
+    if c.lo > 0:
         return f"{better} beats {worse} by {gap:.4f} nats ({ci}){spread_words}."
-    ci = f"95% CI of {c.a} - {c.b}: [{c.lo:+.4f}, {c.hi:+.4f}], {c.n} pairs"
     return (
-        f"no clear difference between {c.a} and {c.b}: mean {c.mean:+.4f} nats, "
-        f"and the interval includes 0 ({ci}){spread_words}."
+        f"no clear difference between {worse} and {better}: {worse} - {better} = "
+        f"{c.mean:+.4f} nats, and the interval includes 0 ({ci}){spread_words}."
     )

@@ -22,7 +22,7 @@ import torch
 from charlm.artefacts import Diagnostics, InitLoss, from_state
 from charlm.config import Params, VariantConfig
 from pipeline import params as params_file
-from reporting.intervals import Paired, paired_difference
+from reporting.intervals import Paired, oriented, paired_difference
 
 SPLITS = ("train", "val", "test")
 UNSEEN = ("val_unseen", "test_unseen")  # val/test windows of names absent from train
@@ -223,10 +223,12 @@ def paired_by_seed(inputs: Inputs, a: str, b: str, split: str = "val") -> Paired
 
 
 def comparisons(inputs: Inputs, split: str = "val") -> list[Paired]:
-    """Every pair of ``comparable`` variants (params order) on ``split``, seeds paired by
-    value (``paired_by_seed``); ``compared_knob`` says what each pair measures."""
+    """Every pair of ``comparable`` variants (pairs in params order) on ``split``, seeds
+    paired by value (``paired_by_seed``), each ``oriented``: the variant of higher mean
+    loss over the paired seeds first, so the difference first - second is >= 0 and reads
+    as the verdicts do; ``compared_knob`` says what each pair measures."""
     return [
-        paired_by_seed(inputs, a, b, split)
+        oriented(paired_by_seed(inputs, a, b, split))
         for a, b in combinations(inputs.variants, 2)
         if comparable(inputs, a, b)
     ]
@@ -339,6 +341,19 @@ def first_good_seed(inputs: Inputs, v: str) -> int | None:
     return next((i for i, bad in enumerate(diverged(inputs, v)) if not bad), None)
 
 
+CANONICAL = "canonical seed"  # what the report calls a variant's first seed, everywhere
+
+
+def seed_name(inputs: Inputs, v: str, index: int) -> str:
+    """How the report names seed ``index`` (0-based) of variant ``v`` in figures and
+    tables: 'canonical seed' for the first (``CANONICAL``: the first of the variant's
+    ``train.seeds``, the lecture's generator seed unless the variant sets its own
+    seeds), else 'seed <its generator seed>' (shown when the canonical one diverged)."""
+    if index == 0:
+        return CANONICAL
+    return f"seed {inputs.metrics[v]['seeds'][index]}"
+
+
 # ---- sentences --------------------------------------------------------------------------
 
 
@@ -371,19 +386,17 @@ def summary_paragraph(inputs: Inputs) -> str:
         )
         if len(ranked) > 1:
             runner_mean, runner = ranked[1]
-            c = paired_difference(
-                inputs.metrics[best]["per_seed"]["val"],
-                inputs.metrics[runner]["per_seed"]["val"],
-                best,
-                runner,
-            )
+            # runner - best, seeds paired by value as in the paired table (which lists
+            # the pair in this direction when the paired mean is >= 0, as it is but for
+            # diverged or unshared seeds)
+            c = paired_by_seed(inputs, runner, best)
             gap = runner_mean - best_mean
             s = [x for x in (means[best][1], means[runner][1]) if x is not None]
             if c.lo is not None:
                 excludes = c.hi < 0 or c.lo > 0
                 parts.append(
                     f"The runner-up, {runner}, is {gap:.4f} nats behind; paired by seed, "
-                    f"{runner} - {best} = {-c.mean:+.4f} (95% CI [{-c.hi:+.4f}, {-c.lo:+.4f}], "
+                    f"{runner} - {best} = {c.mean:+.4f} (95% CI [{c.lo:+.4f}, {c.hi:+.4f}], "
                     f"{c.n} pairs), which {'excludes' if excludes else 'includes'} zero."
                 )
             else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from itertools import combinations
 
 from charlm.config import TrainConfig
-from reporting.intervals import Paired
+from reporting.intervals import Paired, oriented
 from reporting.stats import (
     Inputs,
     architecture,
@@ -50,10 +50,10 @@ def batchnorm_pairs(inputs: Inputs) -> list[tuple[str, str]]:
 
 
 def depth_comparisons(inputs: Inputs, split: str = "val") -> list[Paired]:
-    """Every pair of deep variants that differ in BatchNorm only, first minus second
-    in params order (the report's paired table has them among all comparisons)."""
+    """Every pair of deep variants that differ in BatchNorm only, ``oriented`` (higher
+    loss first) as the report's paired table has them among all comparisons."""
     return [
-        paired_by_seed(inputs, a, b, split)
+        oriented(paired_by_seed(inputs, a, b, split))
         for a, b in combinations(deep_variants(inputs), 2)
         if differing(inputs, a, b) == ["BatchNorm"]
     ]
@@ -66,8 +66,10 @@ def batchnorm_pair(inputs: Inputs) -> tuple[str, str] | None:
 
 
 def depth_sentence(inputs: Inputs, split: str = "val") -> str:
-    """One sentence answering "does BatchNorm win at depth?" with its paired interval
-    of (without - with) BatchNorm, in nats of ``split`` loss; '' with no deep variant."""
+    """One sentence answering "does BatchNorm win at depth?" with its paired interval,
+    in nats of ``split`` loss, of (higher loss) - (lower loss) as the paired table
+    states it (``oriented``: without - with BatchNorm when BatchNorm wins);
+    '' with no deep variant."""
     deep = deep_variants(inputs)
     if not deep:
         return ""
@@ -97,14 +99,15 @@ def depth_sentence(inputs: Inputs, split: str = "val") -> str:
     seeds = f"over {c.n} paired seed{'s' if c.n != 1 else ''}"
     if c.mean is None:
         return f"{where}, {bn} and {plain} have no seed with a finite {split} loss in common."
-    diff = f"{plain} - {bn} = {c.mean:+.4f}"
+    o = oriented(c)  # the paired table's direction: the difference is >= 0
+    diff = f"{o.a} - {o.b} = {o.mean:+.4f}"
     if c.lo is None:
         return f"{where}, {diff} nats of {split} loss {seeds}: too few for an interval."
-    ci = f"paired 95% CI [{c.lo:+.4f}, {c.hi:+.4f}]"
+    ci = f"paired 95% CI [{o.lo:+.4f}, {o.hi:+.4f}]"
     if c.lo > 0:
-        verb = f"BatchNorm (**{bn}**) beats no BatchNorm ({plain}) by {c.mean:.4f} nats"
+        verb = f"BatchNorm (**{bn}**) beats no BatchNorm ({plain}) by {o.mean:.4f} nats"
     elif c.hi < 0:
-        verb = f"BatchNorm (**{bn}**) loses to no BatchNorm ({plain}) by {-c.mean:.4f} nats"
+        verb = f"BatchNorm (**{bn}**) loses to no BatchNorm ({plain}) by {o.mean:.4f} nats"
     else:
         return (
             f"{where}, BatchNorm ({bn}) does not clearly win: {diff} nats of {split} loss "
@@ -180,11 +183,13 @@ def summary(inputs: Inputs) -> str:
 def paired_rows(comps: list[Paired], inputs: Inputs | None = None) -> list[dict]:
     """The table of paired comparisons: with ``inputs``, what each pair differs in
     (``reporting.stats.compared_knob``); mean difference (first - second), sd, t
-    quantile, the t interval and the bootstrap interval (nats)."""
+    quantile, the t interval and the bootstrap interval (nats). Each pair is shown
+    ``oriented`` (higher loss first), the direction of the verdicts' sentences."""
+    comps = [oriented(c) for c in comps]
     rows = [{
         "first": c.a, "second": c.b,
         **({"differs in": compared_knob(inputs, c.a, c.b)} if inputs is not None else {}),
-        "pairs": c.n, "mean difference": c.mean, "sd": c.sd,
+        "pairs": c.n, "mean difference (first - second)": c.mean, "sd": c.sd,
         "t (0.975, n-1)": c.t, "95% CI low": c.lo, "95% CI high": c.hi,
         "bootstrap 95% low": c.boot_lo, "bootstrap 95% high": c.boot_hi,
     } for c in comps]  # fmt: skip

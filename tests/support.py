@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +279,88 @@ def dvc_stages(root: Path = ROOT) -> dict[str, tuple[str, list[str]]]:
 def covered(key: str, declared: list[str]) -> bool:
     """Whether dvc tracks ``key`` through one of the ``declared`` params."""
     return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+# ---- the report's table of contents (pipeline.stages.report.add_contents)
+
+
+class _Outline(HTMLParser):
+    """The ids, h2/h3 headings and table-of-contents links of an HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.ids: list[str] = []  # every id attribute, in page order
+        self.headings: list[tuple[str, str, str]] = []  # (tag, id, text) of h2 and h3
+        self.links: list[tuple[str, str]] = []  # (href, text) inside nav.report-contents
+        self.nav_before_first_h2: bool | None = None
+        self._in_nav = 0  # nesting depth inside the contents' <nav>
+        self._heading: list | None = None  # [tag, id, text] while inside an h2/h3
+        self._link: list | None = None  # [href, text] while inside a contents link
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
+        if tag == "nav" and "report-contents" in (a.get("class") or "").split():
+            self._in_nav = 1
+            if self.nav_before_first_h2 is None:
+                self.nav_before_first_h2 = True
+            return
+        if self._in_nav:
+            self._in_nav += tag == "nav"
+            if tag == "a":
+                self._link = [a.get("href", ""), ""]
+            return
+        if tag in ("h2", "h3"):
+            if tag == "h2" and self.nav_before_first_h2 is None:
+                self.nav_before_first_h2 = False
+            self._heading = [tag, a.get("id"), ""]
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._in_nav:
+            if tag == "a" and self._link is not None:
+                self.links.append((self._link[0], self._link[1].strip()))
+                self._link = None
+            self._in_nav -= tag == "nav"
+            return
+        if self._heading is not None and tag == self._heading[0]:
+            tag_, ident, text = self._heading
+            self.headings.append((tag_, ident, text.replace("¶", "").strip()))
+            self._heading = None
+
+    def handle_data(self, data: str) -> None:
+        if self._link is not None:
+            self._link[1] += data
+        elif self._heading is not None:
+            self._heading[2] += data
+
+
+def contents_problems(page: str) -> list[str]:
+    """What is wrong with the table of contents of the HTML ``page``, one line each:
+    missing, placed after the first section, a link whose target id is not on the page
+    (or on it twice, or not a section heading), or a section (h2) or subsection (h3)
+    that the contents do not list in page order. [] when every link resolves and every
+    section is listed."""
+    outline = _Outline()
+    outline.feed(page)
+    if outline.nav_before_first_h2 is None:
+        return ["no table of contents (nav.report-contents) and no section"]
+    out = []
+    if not outline.links:
+        out.append("no table of contents (nav.report-contents)")
+    elif not outline.nav_before_first_h2:
+        out.append("the table of contents comes after the first section")
+    heading_ids = {ident for _, ident, _ in outline.headings}
+    for href, text in outline.links:
+        target = href[1:] if href.startswith("#") else None
+        count = outline.ids.count(target) if target is not None else 0
+        if count != 1:
+            out.append(f"link {text!r} -> {href!r}: {count} elements have that id")
+        elif target not in heading_ids:
+            out.append(f"link {text!r} -> {href!r}: not a section heading")
+    listed = [(href[1:], text) for href, text in outline.links]
+    shown = [(ident, text) for _, ident, text in outline.headings]
+    if listed != shown:
+        missing = [text for ident, text in shown if (ident, text) not in listed]
+        out.append(f"the contents list {listed} but the page has {shown} (missing: {missing})")
+    return out

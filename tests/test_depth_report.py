@@ -13,8 +13,10 @@ YAML 1.2 number spelling the stages accept.
 from __future__ import annotations
 
 import copy
+import html
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -84,7 +86,11 @@ def snapshot(step: int, g: torch.Generator, scale: float, n_layers: int = LAYERS
     return A.Snapshot(step=step, threshold=0.97, layers=layers, weights=weights)
 
 
-def diagnostics(deep: bool, seed: int = 0) -> A.Diagnostics:
+def diagnostics(
+    deep: bool, seed: int = 0, layers: int = LAYERS, probe_layers: int = 1
+) -> A.Diagnostics:
+    """Synthetic records: snapshots of ``layers`` hidden layers when ``deep`` (else 1),
+    probe-batch activations of ``probe_layers`` of them, no BatchNorm."""
     g = torch.Generator().manual_seed(seed)
     P, R = 4, 3
     acts = {
@@ -92,7 +98,7 @@ def diagnostics(deep: bool, seed: int = 0) -> A.Diagnostics:
         "hpreact_std": [1.0] * S, "hpreact": torch.zeros(S, P, H), "h": torch.zeros(S, P, H),
         "image": torch.zeros(S, P, H, dtype=torch.bool),
     }  # fmt: skip
-    n = LAYERS if deep else 1  # every variant has snapshots (diagnostics format 6)
+    n = layers if deep else 1  # every variant has snapshots (diagnostics format 6)
     snaps = {"snapshot": snapshot(1000, g, 0.5, n), "final": snapshot(1999, g, 0.7, n)}
     names = list(snaps["final"].weights)
     return A.Diagnostics(
@@ -103,13 +109,39 @@ def diagnostics(deep: bool, seed: int = 0) -> A.Diagnostics:
                    "logits_std": [0.1] * S, "logits_std_predicted": [0.1] * S,
                    "p_target_median": [0.03] * S, "p_max": [0.05] * S, "h_rms": [0.6] * S,
                    "output_weight": names[-1], "output_weight_std": [0.01] * S},
-        layers=[{"activations": {"init": acts, "final": acts}, "dh": torch.zeros(S, P, H)}],
+        layers=[{"activations": {"init": acts, "final": acts},
+                 "dh": 1e-3 * torch.randn(S, P, H, generator=g)}] * probe_layers,
         weights={n: {"grad_mean": torch.zeros(S), "grad_std": torch.ones(S),
                      "grad_data_ratio": torch.ones(S),
                      "update_ratio": -3 + 0.1 * torch.randn(R, S, generator=g)} for n in names},
         update_steps=torch.tensor([0, 1000, 1999]), batchnorm=None,
         snapshots=snaps, n_params=N_PARAMS["deep_bn"] if deep else 11_897,
     )  # fmt: skip
+
+
+def batchnorm_records(modules: int, seed: int = 0) -> A.BatchNorm:
+    """Running and calibrated statistics of ``modules`` BatchNorm modules, and losses."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for i in range(modules):
+        mean, std = torch.randn(S, H, generator=g), 1 + torch.rand(S, H, generator=g)
+        layers[f"layers.{3 * i + 1}"] = A.BatchNormLayer(
+            running_mean=mean, running_std=std,
+            calibrated_mean=mean + 0.01, calibrated_std=std * 1.01,
+        )  # fmt: skip
+    losses = {k: [2.3 + 0.01 * i for i in range(S)] for k in ("train", "val", "test")}
+    return A.BatchNorm(layers=layers, loss_running=losses, loss_calibrated=losses)
+
+
+def with_batchnorm(inputs: rs.Inputs) -> rs.Inputs:
+    """``inputs`` with BatchNorm records for every variant that has BatchNorm (one
+    module per hidden layer with ``batchnorm``, one more with ``batchnorm_output``)."""
+    for v in inputs.variants:
+        c = inputs.params.variants[v]
+        if c.has_batchnorm:
+            modules = (c.layers if c.batchnorm else 0) + c.batchnorm_output
+            inputs.diagnostics[v].batchnorm = batchnorm_records(modules)
+    return inputs
 
 
 def metrics(v: str) -> dict:
@@ -148,14 +180,16 @@ def params_yaml(params: Params) -> dict:
 
 
 def make_inputs(variants: list[str] | None = None) -> rs.Inputs:
+    """The synthetic run of ``variants`` (default: all of PARAMS), deep_bn with its
+    BatchNorm records."""
     vs = variants or list(PARAMS["variants"])
     params = make_params({**PARAMS, "variants": {v: PARAMS["variants"][v] for v in vs}})
-    return rs.Inputs(
+    return with_batchnorm(rs.Inputs(
         params=params, counts={"vocab_size": V}, variants=vs,
         metrics={v: metrics(v) for v in vs}, samples={},
         diagnostics={v: diagnostics(v.startswith("deep"), i) for i, v in enumerate(vs)},
         runs={},
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def pm(values: list[float], spec: str) -> tuple[str, str]:
@@ -246,15 +280,16 @@ def test_parameter_counts_of_every_variant():
 def test_variants_are_compared_when_they_differ_in_one_knob_at_most():
     inputs = make_inputs()
     # naive and kaiming differ in their init only; deep_bn and deep_tanh in BatchNorm;
-    # a one-layer and a deep variant differ in depth and width: never compared
+    # a one-layer and a deep variant differ in depth and width: never compared. Each
+    # pair is listed higher loss first (deep_tanh's val loss is the higher one)
     assert [(c.a, c.b) for c in rs.comparisons(inputs)] == [
         ("naive", "kaiming"),
-        ("deep_bn", "deep_tanh"),
+        ("deep_tanh", "deep_bn"),
     ]
     assert rs.compared_knob(inputs, "naive", "kaiming") == "init / training"
     # the lecture's two deep nets also differ in their init (gain 1 vs 5/3): said so
     assert rs.compared_knob(inputs, "deep_bn", "deep_tanh") == "BatchNorm, init"
-    assert [(c.a, c.b) for c in rv.depth_comparisons(inputs)] == [("deep_bn", "deep_tanh")]
+    assert [(c.a, c.b) for c in rv.depth_comparisons(inputs)] == [("deep_tanh", "deep_bn")]
     # the summary ranks the variants comparable with the first: deep_bn never its "runner-up"
     assert "deep" not in rs.summary_paragraph(inputs)
     rows = rv.paired_rows(rs.comparisons(inputs), inputs)
@@ -603,29 +638,73 @@ report:
 """
 
 
-def test_report_renders_params_in_every_yaml_number_spelling(tmp_path):
-    """A params.yaml that every stage accepts (pipeline.params.validate) must not break
-    the report: the report stage renders it, and shows the numbers the stages read."""
+@pytest.fixture(scope="module")
+def spelled_report(tmp_path_factory) -> tuple[Params, dict, str]:
+    """The report stage run on the synthetic records with SPELLED as params.yaml: the
+    params as the stages read them, the metrics it returns and the HTML page."""
     from pipeline.stages import report
 
+    tmp_path = tmp_path_factory.mktemp("spelled")
     inputs = make_inputs()
     write_eval_dir(tmp_path, inputs)
     spelled = tmp_path / "spelled.yaml"
-    spelled.write_text(SPELLED.format(sha="0" * 64), encoding="utf-8")
+    # the atlas section (read by the atlas stages only) as the defaults, spelled plainly
+    atlas = yaml.safe_dump({"atlas": params_yaml(inputs.params)["atlas"]}, sort_keys=False)
+    spelled.write_text(SPELLED.format(sha="0" * 64) + atlas, encoding="utf-8")
     p = params_file.validate(spelled)  # every stage accepts it
-    assert (p.split.seed, p.model.n_embd, p.train.lr, p.train.max_steps) == (42, 10, 0.1, 2000)
-    assert p.train.seeds == SEEDS and p.evaluate.probe_seed == 7
-    assert p.variants["deep_tanh"].layers == LAYERS and p.variants["deep_tanh"].n_hidden == H
     out = tmp_path / "out"
     summary = report.report(
         spelled, tmp_path / "eval", tmp_path / "processed", out / "metrics.json",
         out / "report.ipynb", out / "report.html", list(p.variants), None,
     )  # fmt: skip
+    return p, summary, (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_report_renders_params_in_every_yaml_number_spelling(spelled_report):
+    """A params.yaml that every stage accepts (pipeline.params.validate) must not break
+    the report: the report stage renders it, and shows the numbers the stages read."""
+    p, summary, page = spelled_report
+    assert (p.split.seed, p.model.n_embd, p.train.lr, p.train.max_steps) == (42, 10, 0.1, 2000)
+    assert p.train.seeds == SEEDS and p.evaluate.probe_seed == 7
+    assert p.variants["deep_tanh"].layers == LAYERS and p.variants["deep_tanh"].n_hidden == H
     assert list(summary) == list(p.variants)
-    page = (out / "report.html").read_text(encoding="utf-8")
     assert "Seeds per variant:</strong> 3 (the first, 2147483647" in page
     assert "2,000 steps of batch 32, lr 0.1, then 0.01 from step 1,500" in page
     assert "BatchNorm (<strong>deep_bn</strong>) beats no BatchNorm" in page
+
+
+def test_rendered_report_has_contents_atlas_link_and_one_wording(spelled_report):
+    """The page the report stage writes: a table of contents whose every link resolves,
+    listing the sections this run renders (BatchNorm's: deep_bn has it) and the depth
+    atlas; the atlas linked beside the report; layers never named by module index;
+    'canonical' always 'canonical seed'; the paired table in the verdicts' direction."""
+    from support import contents_problems
+
+    _, _, page = spelled_report
+    assert contents_problems(page) == []
+    nav = re.search(r'<nav class="report-contents".*?</nav>', page, re.S).group(0)
+    for section in (
+        "This run",
+        "Paired comparisons of the validation loss",
+        "BatchNorm: running statistics vs calibrated ones",
+        "Layer by layer during training",
+        "The depth atlas",
+        "Parameters used",
+    ):
+        assert f">{section}</a>" in nav, section  # fmt: skip
+    assert ">deep_bn</a>" not in nav  # the per-variant h4 headings stay out
+    assert '<a href="atlas.html">atlas.html</a>' in page and "dvc repro atlas_report" in page
+    body = re.sub(r"<pre.*?</pre>|<style.*?</style>|<img [^>]*>", " ", page, flags=re.S)
+    text = html.unescape(re.sub(r"<[^>]+>", " ", body))
+    # module names only as the gradient table's parameter names (layers.i.weight)
+    assert re.findall(r"layers\.\d+\b(?!\.weight)", text) == []
+    assert re.findall(r"\blayer 0\b|seed #|\bseed 0\b", text) == []
+    assert re.findall(r"(?i)canonical(?! seed)", text) == []
+    assert "deep_bn (canonical seed)" in text  # the samples' column
+    # the paired table: higher loss first, as the sentences state the difference
+    pairs = re.findall(r"<tr>\s*<td>(deep_\w+)</td>\s*<td>(deep_\w+)</td>", page)
+    assert pairs == [("deep_tanh", "deep_bn")]
+    assert "deep_tanh - deep_bn = +0.0" in text
 
 
 # ---- saturation per nonlinearity ----------------------------------------------------------
@@ -699,3 +778,226 @@ def test_summary_counts_seeds_per_variant_as_they_ran():
     m["per_seed"] = {k: v[:1] for k, v in m["per_seed"].items()}
     assert "Over 1 to 3 seeds per variant" in rs.summary_paragraph(inputs)
     assert "Over 3 seeds per variant" in rs.summary_paragraph(make_inputs(["naive", "kaiming"]))
+
+
+# ---- one report, one way: differences, layer numbers, seeds, axes (the issue's audit) ------
+
+
+def swapped_deep(inputs: rs.Inputs) -> rs.Inputs:
+    """``inputs`` with deep_bn and deep_tanh's losses swapped: BatchNorm loses."""
+    m = inputs.metrics
+    m["deep_bn"], m["deep_tanh"] = m["deep_tanh"], m["deep_bn"]
+    return inputs
+
+
+NUM = r"([+-]?\d+\.\d{4})"
+DIFF = "mean difference (first - second)"  # the paired table's column
+
+
+@pytest.mark.parametrize("batchnorm_wins", [True, False])
+def test_every_sentence_states_its_difference_as_the_paired_table_does(batchnorm_wins):
+    """'B beats A by d' stands beside 'A - B = +d', and the paired table has the row
+    first A, second B with mean +d and the same interval: every sentence of the report
+    that states a paired difference (summary, depth verdict, the verdicts under the
+    table) does it in the table's direction, higher loss minus lower loss."""
+    from reporting import intervals as ri
+
+    inputs = make_inputs() if batchnorm_wins else swapped_deep(make_inputs())
+    comps = rs.comparisons(inputs)
+    rows = {(r["first"], r["second"]): r for r in rv.paired_rows(comps, inputs)}
+
+    def table_says(a: str, b: str, d: str, lo: str, hi: str) -> None:
+        assert (a, b) in rows, f"the table has no row {a} - {b}: {list(rows)}"
+        r = rows[(a, b)]
+        assert f"{r[DIFF]:+.4f}" == d, (a, b, d)
+        assert (f"{r['95% CI low']:+.4f}", f"{r['95% CI high']:+.4f}") == (lo, hi)
+
+    assert all(r[DIFF] > 0 for r in rows.values())
+    for c in comps:  # the verdicts under the table
+        text = ri.verdict(c, rs.spread(inputs, c.a), rs.spread(inputs, c.b))
+        m = re.search(rf"(\w+) beats (\w+) by (\d+\.\d{{4}}) nats \(95% CI of (\w+) - (\w+): "
+                      rf"\[{NUM}, {NUM}\]", text)  # fmt: skip
+        assert m, text
+        better, worse, gap, a, b, lo, hi = m.groups()
+        assert (a, b) == (worse, better), text  # 'B beats A by d': A - B
+        table_says(a, b, f"+{gap}", lo, hi)
+    depth = rv.depth_sentence(inputs)
+    m = re.search(rf"(beats|loses to) no BatchNorm \(deep_tanh\) by (\d+\.\d{{4}}) nats of "
+                  rf"val loss \((\w+) - (\w+) = {NUM}, paired 95% CI \[{NUM}, {NUM}\]\)",
+                  depth)  # fmt: skip
+    assert m, depth
+    verb, gap, a, b, d, lo, hi = m.groups()
+    assert verb == ("beats" if batchnorm_wins else "loses to")
+    # 'BatchNorm beats no BatchNorm by d': without - with = +d (and the other way round)
+    assert (a, b) == (("deep_tanh", "deep_bn") if batchnorm_wins else ("deep_bn", "deep_tanh"))
+    assert d == f"+{gap}"
+    table_says(a, b, d, lo, hi)
+    summary = rs.summary_paragraph(inputs)
+    m = re.search(rf"The runner-up, (\w+), is \d+\.\d{{4}} nats behind; paired by seed, "
+                  rf"(\w+) - (\w+) = {NUM} \(95% CI \[{NUM}, {NUM}\]", summary)  # fmt: skip
+    assert m, summary
+    runner, a, b, d, lo, hi = m.groups()
+    assert a == runner and d.startswith("+")
+    table_says(a, b, d, lo, hi)
+    assert len(comps) == 2
+
+
+def figure_texts(fig) -> list[str]:
+    """Every text drawn in ``fig``: titles, axis labels, legends, colour bars, notes."""
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def deep12_inputs() -> rs.Inputs:
+    """A 12-layer BatchNorm tanh variant (past PER_LAYER_MAX and LEGEND_MAX) beside the
+    defaults, its canonical seed diverged (figures then show seed index 1)."""
+    raw = copy.deepcopy(PARAMS)
+    raw["variants"]["deep12"] = {**DEEP, "layers": 12, "batchnorm": True}
+    inputs = make_inputs()
+    inputs.params = make_params(raw)
+    inputs.variants.append("deep12")
+    inputs.metrics["deep12"] = metrics("deep_bn")
+    inputs.metrics["deep12"]["per_seed"]["diverged"] = [True, False, False]
+    inputs.diagnostics["deep12"] = diagnostics(True, 5, layers=12, probe_layers=12)
+    return with_batchnorm(inputs)
+
+
+def every_figure(inputs: rs.Inputs):
+    """(name, figure) for every figure the report draws of ``inputs``."""
+    from reporting import figures as rf
+
+    yield "loss_curves", rf.loss_curves(inputs)[0]
+    yield "seed_points", rf.seed_points(inputs)[0]
+    yield "knob_figure", rf.knob_figure(inputs)[0]
+    yield "gradient_hist", rf.gradient_hist(inputs)[0]
+    yield "update_ratio_figure", rf.update_ratio_figure(inputs)[0]
+    for v in inputs.variants:
+        if rf.per_layer(inputs, v):
+            for layer in range(len(inputs.diagnostics[v].layers)):
+                yield f"activation_figure {v} {layer}", rf.activation_figure(inputs, v, layer)[0]
+        else:
+            yield f"activation_depth_figure {v}", rf.activation_depth_figure(inputs, v)[0]
+        if inputs.diagnostics[v].batchnorm is not None:
+            yield f"batchnorm_figure {v}", rf.batchnorm_figure(inputs, v)[0]
+        for draw in (rd.activation_lines, rd.gradient_lines, rd.weight_gradient_lines,
+                     rd.update_ratio_lines):  # fmt: skip
+            yield f"{draw.__name__} {v}", draw(inputs, v)[0]
+
+
+@pytest.fixture(scope="module")
+def figures_of_every_kind():
+    """(inputs, [(variant or '', name, figure)]) of ``every_figure`` for the synthetic
+    run plus a 12-layer BatchNorm variant (``deep12_inputs``); closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    from reporting import figures as rf
+
+    rf.setup()
+    inputs = deep12_inputs()
+    with plt.rc_context({"figure.max_open_warning": 0}):  # they are closed below
+        out = [(name.split(" ")[1] if " " in name else "", name, fig)
+               for name, fig in every_figure(inputs) if fig is not None]  # fmt: skip
+    yield inputs, out
+    for *_, fig in out:
+        plt.close(fig)
+
+
+def test_every_histogram_and_panel_labels_both_axes(figures_of_every_kind):
+    """Every visible panel (colour bars aside) of every figure has an x and a y label:
+    histograms say what they count and that the y axis is a density."""
+    _, figures = figures_of_every_kind
+    problems, hists = [], 0
+    for _, name, fig in figures:
+        for ax in fig.axes:
+            if not ax.axison or ax.get_label() == "<colorbar>":
+                continue
+            if not (ax.get_xlabel() and ax.get_ylabel()):
+                problems.append(f"{name} / {ax.get_title()!r}: x {ax.get_xlabel()!r}, "
+                                f"y {ax.get_ylabel()!r}")  # fmt: skip
+            hists += ax.get_ylabel() == "density"
+    assert not problems, "\n".join(problems)
+    assert hists >= 10  # the histograms were among them
+
+
+def test_hidden_layers_are_numbered_1_to_L_in_every_figure(figures_of_every_kind):
+    """No module index (layers.2, layers.5, ...) and no layer number outside 1..L in any
+    title, label, legend or colour bar; colour bars count hidden layers from 1 and weight
+    matrices as named (0: C, k: Wk, up to the output's W(L+1))."""
+    from reporting.figures import WEIGHT_INDEX
+
+    inputs, figures = figures_of_every_kind
+    for v, name, fig in figures:
+        texts = figure_texts(fig)
+        assert not [t for t in texts if re.search(r"layers\.\d", t)], (name, texts)
+        L = len(inputs.diagnostics[v].snapshots["final"].layers) if v else 12
+        for t in texts:
+            for n in re.findall(r"\blayer (\d+)\b", t):
+                assert 1 <= int(n) <= L, (name, t)
+    labels = {}
+    for *_, fig in figures:
+        for ax in fig.axes:
+            if ax.get_label() == "<colorbar>" and ax.get_ylabel():
+                labels.setdefault(ax.get_ylabel(), set()).add(ax.get_ylim())
+    assert labels["hidden layer"] == {(1.0, 12.0)}  # deep12's 12 layers
+    assert labels[WEIGHT_INDEX] == {(0.0, 13.0)}  # C, W1..W12, W13 (output)
+    bn = [t for v, name, fig in figures if name.startswith("batchnorm_figure deep_bn")
+          for t in figure_texts(fig) if "BatchNorm" in t]  # fmt: skip
+    modules = [f"BatchNorm of hidden layer {i}" for i in range(1, LAYERS + 1)]
+    for words in [*modules, "BatchNorm of the output layer"]:
+        assert any(words in t for t in bn), (words, bn)
+
+
+def test_figures_and_tables_name_the_canonical_seed(figures_of_every_kind):
+    """Seed index 0 is 'canonical seed' wherever it is shown (never 'seed #0' or 'seed
+    0'), 'canonical' never stands alone, and another seed is named by its value."""
+    from reporting import figures as rf
+
+    inputs, figures = figures_of_every_kind
+    texts = [t for *_, fig in figures for t in figure_texts(fig)]
+    texts += [k for r in rf.gradient_rows(inputs) for k in r]
+    bad = [t for t in texts if re.search(r"seed #|\bseed 0\b|canonical(?! seed)", t)]
+    assert not bad, bad
+    assert sum("canonical seed" in t for t in texts) >= 10
+    # deep12's canonical seed diverged: its after-training panels show its second seed
+    deep12 = [t for v, _, fig in figures if v == "deep12" for t in figure_texts(fig)]
+    assert any(f"seed {SEEDS[1]}" in t for t in deep12), deep12
+    assert rs.seed_name(inputs, "deep12", 0) == "canonical seed"
+    assert rs.seed_name(inputs, "deep12", 2) == f"seed {SEEDS[2]}"
+
+
+def execute_template(inputs: rs.Inputs, tmp_path: Path, monkeypatch) -> list:
+    """Run the template's cells on ``inputs`` (written as an evaluate directory) in this
+    process, ``display`` collecting what the page would show (no kernel, no HTML)."""
+    import IPython.display
+    import matplotlib.pyplot as plt
+
+    write_eval_dir(tmp_path, inputs)
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, *a, **k: shown.append(obj))
+    nb = json.loads((ROOT / "reporting" / "template.ipynb").read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    ns = {"__name__": "report"}
+    exec("".join(code[0]["source"]), ns)
+    ns.update(params_path=str(tmp_path / "params.yaml"), eval_dir=str(tmp_path / "eval"),
+              data_dir=str(tmp_path / "processed"), runs_dir=None,
+              variants=inputs.variants)  # fmt: skip
+    for cell in code[1:]:
+        exec("".join(cell["source"]), ns)
+    plt.close("all")
+    return shown
+
+
+@pytest.mark.parametrize("vs", [None, ["naive", "kaiming"]])
+def test_batchnorm_section_renders_only_with_a_batchnorm_variant(vs, tmp_path, monkeypatch):
+    """The BatchNorm section (and so its entry in the table of contents, which follows
+    the page's headings) appears exactly when some variant has BatchNorm."""
+    from IPython.display import Markdown
+
+    inputs = make_inputs(vs)
+    shown = execute_template(inputs, tmp_path, monkeypatch)
+    headings = [line for obj in shown if isinstance(obj, Markdown)
+                for line in obj.data.splitlines() if line.startswith("## ")]  # fmt: skip
+    has_bn = any(inputs.diagnostics[v].batchnorm is not None for v in inputs.variants)
+    assert has_bn == (vs is None)
+    assert headings == (["## BatchNorm: running statistics vs calibrated ones"] if has_bn else [])

@@ -24,7 +24,8 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from support import run, strict_json
+import yaml
+from support import contents_problems, run, strict_json
 
 from charlm import artefacts
 from charlm.diagnostics import activation_summary
@@ -40,7 +41,7 @@ SECTIONS = (
     "Paired comparisons of the validation loss", "Training loss", "Loss at step 0",
     "Hidden activations on a fixed probe batch", "Gradients at initialisation",
     "Update:data ratio over training", "BatchNorm: running statistics vs calibrated ones",
-    "Layer by layer during training", "Samples", "Parameters used",
+    "Layer by layer during training", "Samples", "The depth atlas", "Parameters used",
 )  # fmt: skip
 # Offline and quiet: no background services, updates, first-run pages or GPU.
 CHROMIUM_FLAGS = [
@@ -141,6 +142,102 @@ def test_html_export_loads_nothing_from_the_network():
     assert "<title>report</title>" in page
 
 
+def contents_notebook(batchnorm: bool) -> nbformat.NotebookNode:
+    """A notebook shaped like the report's: a title, markdown sections, subsections, a
+    section emitted by a code cell only for some runs (as BatchNorm's is), a heading
+    repeated, and one written as raw HTML without an id."""
+    v4 = nbformat.v4
+    cells = [
+        v4.new_markdown_cell("# Title\n\nThe summary."),
+        v4.new_markdown_cell("## This run\n\ntext"),
+        v4.new_markdown_cell("## Across seeds"),
+        v4.new_markdown_cell("### Paired comparisons of the validation loss"),
+        v4.new_markdown_cell("### By architecture"),
+        v4.new_code_cell("x"),
+        v4.new_markdown_cell("## Samples"),
+        v4.new_markdown_cell("#### naive"),  # below h3: not in the contents
+        v4.new_markdown_cell("## Samples"),
+        v4.new_code_cell("y"),
+        v4.new_markdown_cell("## The depth atlas\n\n[atlas.html](atlas.html)"),
+    ]
+    if batchnorm:
+        cells[5].outputs = [v4.new_output("display_data", data={
+            "text/markdown": "## BatchNorm: running statistics vs calibrated ones\n\ntext",
+            "text/plain": "<IPython.core.display.Markdown object>"})]  # fmt: skip
+    cells[9].outputs = [v4.new_output("display_data", data={
+        "text/html": "<h2>Raw &amp; HTML</h2>", "text/plain": "x"})]  # fmt: skip
+    return v4.new_notebook(cells=cells)
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_table_of_contents_links_every_section_that_renders(batchnorm):
+    nb = contents_notebook(batchnorm)
+    page = report.to_html(nb)
+    assert contents_problems(page) == []
+    nav = re.search(r'<nav class="report-contents".*?</nav>', page, re.S).group(0)
+    assert page.index(nav) < page.index("<h2") and page.index("<h1") < page.index(nav)
+    titles = re.findall(r"<a href=[^>]*>([^<]*)</a>", nav)
+    assert titles == [
+        "This run", "Across seeds", "Paired comparisons of the validation loss",
+        "By architecture",
+        *(["BatchNorm: running statistics vs calibrated ones"] if batchnorm else []),
+        "Samples", "Samples", "Raw &amp; HTML", "The depth atlas",
+    ]  # fmt: skip
+    # nbconvert's own ids (checked in this nbconvert version), a suffix for the repeat
+    # and an id for the heading that had none
+    hrefs = re.findall(r'<a href="([^"]*)"', nav)
+    assert "#Across-seeds" in hrefs and "#Samples" in hrefs and "#Samples-2" in hrefs
+    assert "#Raw-&amp;-HTML" in hrefs
+    assert ('href="#BatchNorm:-running-statistics-vs-calibrated-ones"' in nav) == batchnorm
+    assert report.to_html(nb) == page  # deterministic
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("drop the contents", "no table of contents"),
+        ("a link to no id", "0 elements have that id"),
+        ("a section not listed", "missing: ['Across seeds']"),
+        ("contents after the first section", "after the first section"),
+    ],
+)
+def test_contents_check_catches_a_broken_table_of_contents(fault, expected):
+    """The checker itself: each fault in a good page gives its problem."""
+    page = report.to_html(contents_notebook(True))
+    nav = re.search(r'<nav class="report-contents".*?</nav>\n', page, re.S).group(0)
+    if fault == "drop the contents":
+        bad = page.replace(nav, "")
+    elif fault == "a link to no id":
+        bad = page.replace('href="#This-run">', 'href="#This-run-typo">', 1)
+    elif fault == "a section not listed":
+        bad = page.replace('<li><a href="#Across-seeds">Across seeds</a>', "<li>", 1)
+    else:
+        bad = page.replace(nav, "").replace("</body>", nav + "</body>")
+    assert any(expected in p for p in contents_problems(bad)), contents_problems(bad)
+
+
+def test_atlas_link_points_beside_the_report_and_the_report_reads_no_atlas_output():
+    """The template's relative link 'atlas.html' resolves, from where the report stage
+    writes report.html, to the page the atlas_report stage writes (dvc.yaml), and the
+    report stage depends on nothing of the atlas (a link only: its deps and params are
+    those of the report)."""
+    from support import ROOT
+
+    nb = json.loads((ROOT / "reporting" / "template.ipynb").read_text(encoding="utf-8"))
+    text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    (href,) = re.findall(r"\]\(([^)]*atlas[^)]*)\)", text)
+    assert "`dvc repro atlas_report`" in text
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+    def html_out(stage: str) -> Path:
+        return Path(re.search(r"--html (\S+)", stages[stage]["cmd"]).group(1))
+
+    assert (html_out("report").parent / href) == html_out("atlas_report")
+    deps = stages["report"]["deps"]
+    assert not [d for d in deps if "atlas" in d], deps
+    assert "atlas" not in stages["report"]["params"]
+
+
 def test_make_deterministic_drops_times_paths_and_random_ids():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
     nb.cells[0].metadata = {
@@ -181,6 +278,9 @@ class PageVisit:
     page_errors: list[str] = field(default_factory=list)  # uncaught exceptions
     images: list[dict] = field(default_factory=list)  # one entry per <img>, see IMAGES_JS
     text: str = ""  # document.body.innerText
+    contents: list[dict] = field(default_factory=list)  # table-of-contents links, CONTENTS_JS
+    links: dict[str, str] = field(default_factory=dict)  # other links: text -> absolute URL
+    jump: dict | None = None  # after clicking a contents link (``visit_page(jump_to=...)``)
 
 
 IMAGES_JS = """Array.from(document.images).map(img => {
@@ -190,12 +290,28 @@ IMAGES_JS = """Array.from(document.images).map(img => {
 })"""
 
 
-def visit_page(chromium, page: Path) -> PageVisit:
+# Each table-of-contents link: its text, its href and whether the browser finds the
+# element it points to (the fragment as the id, as a click looks it up first).
+CONTENTS_JS = """Array.from(document.querySelectorAll('nav.report-contents a')).map(a => ({
+  text: a.textContent, href: a.getAttribute('href'),
+  found: document.getElementById(a.getAttribute('href').slice(1)) !== null}))"""
+LINKS_JS = """Object.fromEntries(Array.from(document.querySelectorAll('a[href]'))
+  .filter(a => !a.closest('nav.report-contents') && !a.classList.contains('anchor-link'))
+  .map(a => [a.textContent, a.href]))"""
+# After a click on a contents link: the URL's fragment and where its target now sits.
+JUMP_JS = """(() => { const id = decodeURIComponent(location.hash.slice(1));
+  const el = document.getElementById(id) || document.getElementById(location.hash.slice(1));
+  return {hash: location.hash, top: el ? el.getBoundingClientRect().top : null,
+          scrolled: window.scrollY}; })()"""
+
+
+def visit_page(chromium, page: Path, jump_to: str | None = None) -> PageVisit:
     """Open ``page`` in a fresh context of the Playwright browser ``chromium``.
 
     Every request other than file:// is recorded and aborted, so nothing leaves the
     machine; returns once the page has loaded, the network has been idle for 500 ms (late
-    requests and messages are caught) and every image is complete.
+    requests and messages are caught) and every image is complete. With ``jump_to``,
+    clicks the table-of-contents link of that text last (``PageVisit.jump``).
     """
     out = PageVisit()
 
@@ -221,6 +337,12 @@ def visit_page(chromium, page: Path) -> PageVisit:
         tab.wait_for_function("Array.from(document.images).every(i => i.complete)")
         out.images = tab.evaluate(IMAGES_JS)
         out.text = tab.inner_text("body")
+        out.contents = tab.evaluate(CONTENTS_JS)
+        out.links = tab.evaluate(LINKS_JS)
+        if jump_to is not None:
+            tab.click(f'nav.report-contents a:text-is("{jump_to}")')
+            tab.wait_for_function("location.hash !== ''")
+            out.jump = tab.evaluate(JUMP_JS)
     finally:
         context.close()
     return out
@@ -341,8 +463,18 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     page = root / "reports" / "report.html"
     text = page.read_text(encoding="utf-8")
     assert "<script src=" not in text and 'href="http' not in text
-    visit = browser(page)
+    visit = browser(page, jump_to="Training loss")
     assert_complete_page(visit)
+    # the table of contents: every section, every link resolves, in the file and in the
+    # browser, and a click brings its section to the top of the window
+    assert contents_problems(text) == []
+    assert [c for c in visit.contents if not c["found"]] == []
+    listed = [c["text"] for c in visit.contents]
+    assert [s for s in SECTIONS if s not in listed] == []
+    assert visit.jump["hash"] == "#Training-loss" and visit.jump["scrolled"] > 0
+    assert abs(visit.jump["top"]) < 5, visit.jump
+    # the atlas page is linked where the atlas_report stage writes it (beside the report)
+    assert visit.links["atlas.html"] == (root / "reports" / "atlas.html").as_uri()
     assert len(visit.images) == expected_figures(root)
     summary = visit.text.split("This run")[0]
     assert "reaches the lowest mean validation loss" in summary
@@ -356,7 +488,8 @@ def test_report_opens_in_headless_chromium_self_contained(tiny, browser):
     assert sorted(undrawn) == sorted(
         f"Not drawn: {v}, {short}" for v in short_of_snapshot(root) for _ in (0, 1, 2)
     ), undrawn
-    header = visit.text.split("This run")[1].split("Split losses beside")[0]
+    # the section, not its entry in the table of contents: the text after the last "This run"
+    header = visit.text.split("This run")[-1].split("Split losses beside")[0]
     for stage in ("download", "split", "train@kaiming", "evaluate@batchnorm"):
         assert stage in header, f"no run record of {stage} in the header"
     assert "not recorded" not in header

@@ -4,10 +4,10 @@ Reads params (all sections: the report shows them), ``--eval`` (one subdirectory
 variant, written by the evaluate stage), ``--data`` (counts.json) and ``--runs`` (the
 stages' run records: wall times, revision, versions); writes
 ``--metrics`` (reports/metrics.json, the DVC metrics), ``--notebook`` (the executed
-notebook) and ``--html`` (the report: code hidden, figures embedded as PNG, no script
-or font fetched from the network, byte-identical when rerun on the same inputs). The
-notebook's kernel is this interpreter's, whatever kernelspecs the machine has (see
-``ReportKernelManager``).
+notebook) and ``--html`` (the report: a table of contents, code hidden, figures embedded
+as PNG, no script or font fetched from the network, byte-identical when rerun on the
+same inputs). The notebook's kernel is this interpreter's, whatever kernelspecs the
+machine has (see ``ReportKernelManager``).
 Run: python -m pipeline.stages.report --eval data/eval --data data/processed --runs data/runs \
     --metrics reports/metrics.json --notebook reports/report.ipynb --html reports/report.html
 """
@@ -15,12 +15,15 @@ Run: python -m pipeline.stages.report --eval data/eval --data data/processed --r
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 import nbformat
 import papermill
@@ -57,6 +60,12 @@ HTML_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 """
+# The table of contents (``add_contents``): the page's h2 sections, each with its h3
+# subsections, in page order, placed before the first section.
+CONTENTS_CLASS = "report-contents"
+_HEADING = re.compile(r"<h([23])\b([^>]*)>(.*?)</h\1>", re.S)
+_ID = re.compile(r"""\bid=(["'])(.*?)\1""", re.S)
+_ANCHOR_LINK = re.compile(r'<a class="anchor-link"[^>]*>.*?</a>', re.S)
 # papermill metadata that changes on every run (times, temporary paths, environment)
 VOLATILE = (
     "start_time",
@@ -191,7 +200,8 @@ def make_deterministic(nb: nbformat.NotebookNode) -> None:
 
 
 def to_html(nb: nbformat.NotebookNode) -> str:
-    """The notebook as one self-contained HTML page without code or stderr output."""
+    """The notebook as one self-contained HTML page without code or stderr output, with
+    a table of contents of the sections it renders (``add_contents``)."""
     nb = nbformat.from_dict(nb)  # a copy
     for cell in nb.cells:  # warnings (e.g. a font cache being built) are not the report
         if cell.cell_type == "code":
@@ -207,7 +217,68 @@ def to_html(nb: nbformat.NotebookNode) -> str:
         exclude_output_prompt=True,
     )
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": "report"}})
-    return body
+    return add_contents(body)
+
+
+def _heading_id(text: str) -> str:
+    """An id for a heading that has none, made as nbconvert 7 makes them for markdown
+    headings: its text, spaces as '-', what a URL fragment may not hold %-escaped."""
+    return quote(text.replace(" ", "-"), safe="?/:@!$&'()*+,;=")
+
+
+def add_contents(page: str) -> str:
+    """``page`` with a table of contents before its first h2 heading: a link to every
+    h2 section, with its h3 subsections nested, in page order.
+
+    Built from the headings that the page actually has (a section that a run's
+    variants leave out, such as BatchNorm's without a BatchNorm variant, has no entry),
+    and linked to the ids they carry: nbconvert's ids for markdown headings (cells and
+    ``display(Markdown(...))`` outputs alike). A heading without an id gets one, made as
+    nbconvert makes them; a repeated id gets a suffix (-2, -3, ...), so that every link
+    has one target. A page without an h2 heading is returned unchanged.
+    """
+    ids = {m.group(2) for m in _ID.finditer(page)}  # every id on the page
+    taken: set[str] = set()  # the ids of the headings visited so far
+    sections: list[tuple[str, str, list[tuple[str, str]]]] = []  # (id, text, subsections)
+
+    def visit(m: re.Match) -> str:
+        level, attrs, inner = m.group(1), m.group(2), m.group(3)
+        text = html.unescape(re.sub(r"<[^>]+>", "", _ANCHOR_LINK.sub("", inner))).strip()
+        found = _ID.search(attrs)
+        ident = found.group(2) if found else html.escape(_heading_id(text))
+        if ident in taken or (not found and ident in ids):
+            k = 2
+            while f"{ident}-{k}" in ids or f"{ident}-{k}" in taken:
+                k += 1
+            inner = inner.replace(f'href="#{ident}"', f'href="#{ident}-{k}"')
+            ident, found = f"{ident}-{k}", None
+        taken.add(ident)
+        if level == "2":
+            sections.append((ident, text, []))
+        elif sections:  # an h3 before the first h2 stays out of the contents
+            sections[-1][2].append((ident, text))
+        if found:
+            return m.group(0)
+        rest = _ID.sub("", attrs).strip()
+        return f'<h{level} id="{ident}"{" " + rest if rest else ""}>{inner}</h{level}>'
+
+    page = _HEADING.sub(visit, page)
+    if not sections:
+        return page
+
+    def link(ident: str, text: str) -> str:
+        return f'<a href="#{ident}">{html.escape(text)}</a>'
+
+    items = []
+    for ident, text, subsections in sections:
+        sub = "".join(f"<li>{link(i, t)}</li>" for i, t in subsections)
+        items.append(f"<li>{link(ident, text)}{f'<ul>{sub}</ul>' if sub else ''}</li>")
+    nav = (
+        f'<nav class="{CONTENTS_CLASS}" aria-label="Contents">'
+        f"<p><strong>Contents</strong></p><ul>{''.join(items)}</ul></nav>\n"
+    )
+    first = re.search(r"<h2\b", page).start()
+    return page[:first] + nav + page[first:]
 
 
 def _failure(e: Exception) -> ReportError:
