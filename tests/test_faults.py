@@ -143,8 +143,10 @@ def test_no_metrics_file_holds_nan_or_infinity(pipeline):
     root = pipeline.root
     files = [*root.glob("data/**/*.json"), *root.glob("reports/**/*.json")]
     # processed/{vocab,words,counts}, per variant train.json, metrics.json, samples.json
-    # and two run records, the download and split records, reports/metrics.json
-    assert len(files) == 3 + 5 * len(VARIANTS) + 2 + 1, sorted(map(str, files))
+    # and two run records, the download and split records, reports/metrics.json; the
+    # tiny atlas's 4 outputs (init/d2, train/d2, width, he), their 4 run records and
+    # reports/atlas.json
+    assert len(files) == 3 + 5 * len(VARIANTS) + 2 + 1 + 4 + 4 + 1, sorted(map(str, files))
     for path in files:
         strict_json(path)
     for curve in root.glob("reports/curves/*.csv"):
