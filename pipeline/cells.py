@@ -50,9 +50,13 @@ TLS_HINT = (
 )
 
 
-class SchedulerUnreachable(RuntimeError):
+class SchedulerUnreachable(ConnectionError, RuntimeError):
     """The Dask scheduler at ``address`` cannot be used: it did not answer within the
-    connect timeout, or (tls://) this side has no TLS certificate configured."""
+    connect timeout, or (tls://) this side has no TLS certificate configured.
+
+    A ConnectionError (an OSError), so that a stage (``pipeline.outputs.run``) stops with
+    its one-line ``error: no Dask scheduler reachable at <address>: ...`` and exit
+    status 1, not a traceback; a RuntimeError too, as it was first."""
 
     def __init__(self, address: str, reason: str):
         super().__init__(
@@ -113,10 +117,11 @@ def _kill_workers(cluster: Any) -> None:
 
 
 @contextlib.contextmanager
-def _client(address: str | None, timeout: float) -> Iterator[Any]:
-    """A Client of the scheduler at ``address``, or of an embedded cluster when None;
-    closed on the way out, the embedded cluster too (its workers killed when an
-    exception, KeyboardInterrupt included, is on its way)."""
+def _client(address: str | None, timeout: float, n_workers: int | None) -> Iterator[Any]:
+    """A Client of the scheduler at ``address``, or of an embedded cluster of
+    ``n_workers`` workers (default ``available_cpus()``) when None; closed on the way
+    out, the embedded cluster too (its workers killed when an exception,
+    KeyboardInterrupt included, is on its way)."""
     import dask
     from distributed import Client, LocalCluster, Security
 
@@ -138,11 +143,15 @@ def _client(address: str | None, timeout: float) -> Iterator[Any]:
     try:
         with dask.config.set(EMBEDDED_CONFIG):
             cluster = LocalCluster(
-                n_workers=available_cpus(),
+                n_workers=available_cpus() if n_workers is None else n_workers,
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address=None,
+                # no dashboard, but the scheduler still opens an HTTP server (no routes):
+                # on a free loopback port, not 8787 (which another cluster on the machine
+                # may hold: Dask then warns "Port 8787 is already in use")
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 silence_logs=logging.ERROR,
                 security=True,
             )
@@ -169,6 +178,7 @@ def run_cells(
     scheduler: str | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
     progress: bool = True,
+    n_workers: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compute ``fn(cell)`` for every cell on Dask; return the results and a run record.
 
@@ -181,6 +191,9 @@ def run_cells(
             $CHARLM_SCHEDULER; unset or empty: an embedded cluster on 127.0.0.1.
         connect_timeout: seconds to reach the scheduler.
         progress: show a tqdm bar of cells done on stderr.
+        n_workers: worker processes of the embedded cluster (one thread each); default
+            ``charlm.cpus.available_cpus()``. Ignored with a scheduler address (its
+            cluster has the workers it has).
 
     Returns:
         ``(results, record)``: results as {cell id: fn(cell)} in the order of ``cells``
@@ -198,8 +211,10 @@ def run_cells(
     end there; its result is dropped).
 
     Raises:
-        SchedulerUnreachable: no scheduler answered at the address in time.
+        SchedulerUnreachable: no scheduler answered at the address in time, or a
+            tls:// address without a client certificate configured.
         TypeError: a cell id is not a str.
+        ValueError: ``n_workers`` < 1.
         Exception: the first exception raised by ``fn`` for any cell.
     """
     import dask
@@ -209,11 +224,13 @@ def run_cells(
 
     if not all(isinstance(cid, str) for cid in cells):
         raise TypeError("cell ids must be str")
+    if n_workers is not None and n_workers < 1:
+        raise ValueError(f"n_workers must be >= 1, got {n_workers}")
     if scheduler is None:
         scheduler = os.environ.get(SCHEDULER_ENV, "")
     address = scheduler.strip() or None
     start = time.perf_counter()
-    with _client(address, connect_timeout) as client:
+    with _client(address, connect_timeout, n_workers) as client:
         if not client.scheduler_info()["workers"]:
             print(f"{desc}: no Dask worker yet at {address}; waiting for one", file=sys.stderr)
         futures = {
