@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -44,6 +45,8 @@ EMBEDDED_CONFIG = {
     "distributed.scheduler.http.routes": [],
     "distributed.worker.http.routes": [],
 }
+# Signals after which a stage stops (pipeline.outputs.STOP_SIGNALS: Ctrl-C, kill, hangup).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TLS_HINT = (
     "distributed.comm.tls.ca-file, .client.cert and .client.key in Dask's configuration "
     "(DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._CLIENT__CERT, ..._CLIENT__KEY)"
@@ -117,6 +120,70 @@ def _kill_workers(cluster: Any) -> None:
 
 
 @contextlib.contextmanager
+def _no_restart_on_stop(cluster: Any) -> Iterator[None]:
+    """While the embedded cluster runs, a stop signal first tells its Nannies not to
+    restart their workers, then runs the Python handler installed before it.
+
+    A stage's handler (``pipeline.outputs``) stops every child process at once; a Nanny
+    that saw its worker die would otherwise start a fresh one in the meantime (which the
+    closing cluster then cancels, logging errors, leaking its semaphores). Signals whose
+    handler is not a Python function (ignored, default) are left alone, and so is
+    everything outside the main thread, where no handler can be installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: h for s in STOP_SIGNALS if callable(h := signal.getsignal(s))}
+
+    def handler(signum: int, frame: Any) -> None:
+        for nanny in list(cluster.workers.values()):
+            nanny.close_gracefully(reason="stop signal")  # a status: restart no worker
+        previous[signum](signum, frame)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            if signal.getsignal(s) is handler:  # the stage's handler may have changed it
+                signal.signal(s, h)
+
+
+def _tracker_alive() -> bool:
+    """Whether a child of this process runs multiprocessing's resource tracker."""
+    import psutil  # comes with dask.distributed
+
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE and any(
+                "resource_tracker" in arg for arg in child.cmdline()
+            ):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _untracked_if_tracker_gone() -> Iterator[None]:
+    """While closing the embedded cluster after a stop signal: if multiprocessing's
+    resource tracker is gone (a stage's signal handler, ``pipeline.outputs``, stops every
+    child of the stage, the tracker among them), each Nanny semaphore is still unlinked
+    but its ``resource_tracker.unregister`` is skipped. Otherwise multiprocessing would
+    relaunch a tracker that never saw those semaphores, and that one prints a KeyError
+    traceback for each (12 with 2 workers) after the stage's one-line message."""
+    from multiprocessing import resource_tracker
+
+    if _tracker_alive():
+        yield
+        return
+    unregister = resource_tracker.unregister
+    resource_tracker.unregister = lambda name, rtype: None  # looked up at each call
+    try:
+        yield
+    finally:
+        resource_tracker.unregister = unregister
+
+
+@contextlib.contextmanager
 def _client(address: str | None, timeout: float, n_workers: int | None) -> Iterator[Any]:
     """A Client of the scheduler at ``address``, or of an embedded cluster of
     ``n_workers`` workers (default ``available_cpus()``) when None; closed on the way
@@ -156,16 +223,18 @@ def _client(address: str | None, timeout: float, n_workers: int | None) -> Itera
                 security=True,
             )
         try:
-            client = Client(cluster, timeout=timeout)
-            try:
-                yield client
-            finally:
-                _close(client)
+            with _no_restart_on_stop(cluster):
+                client = Client(cluster, timeout=timeout)
+                try:
+                    yield client
+                finally:
+                    _close(client)
         except BaseException:
             _kill_workers(cluster)
+            with _untracked_if_tracker_gone():
+                _close(cluster)
             raise
-        finally:
-            _close(cluster)
+        _close(cluster)
     finally:
         _restore_environ(saved)
 
@@ -208,7 +277,9 @@ def run_cells(
     is not retried (a pure cell would fail again): the other cells are cancelled and it
     propagates. So does KeyboardInterrupt, once the cells are cancelled and the client
     and embedded cluster closed (a cell already running on a remote worker runs to its
-    end there; its result is dropped).
+    end there; its result is dropped). While an embedded cluster runs, SIGINT, SIGTERM
+    and SIGHUP first stop its Nannies from restarting workers, then run the Python
+    handler installed before (a stage's, which stops every child process at once).
 
     Raises:
         SchedulerUnreachable: no scheduler answered at the address in time, or a
