@@ -138,6 +138,7 @@ def main() -> None:
     n_cells = sum(len(c) for _, _, c in todo)
     load_before = os.getloadavg()
     print(f"{len(todo)} stages, {n_cells} cells; {cpus} CPUs; load average {load_before}")
+    print("per stage: wall seconds (the cells' CPU seconds)")
     wall: dict[str, dict[str, list[float]]] = {name: {m: [] for m in modes} for name, _, _ in todo}
     cpu: dict[str, dict[str, list[float]]] = {name: {m: [] for m in modes} for name, _, _ in todo}
     start = time.perf_counter()
@@ -154,7 +155,8 @@ def main() -> None:
                     cpu[name][mode].append(c)
                 same = all(texts[m] == texts["direct"] for m in modes)
                 assert same, f"{name}: results differ between {modes}"
-                row = "  ".join(f"{m} {wall[name][m][-1]:6.1f} s" for m in modes)
+                row = "  ".join(f"{m} {wall[name][m][-1]:5.1f} s ({cpu[name][m][-1]:5.1f})"
+                                for m in modes)  # fmt: skip
                 print(f"{name:>15} ({len(cells):2d} cells): {row}", flush=True)
     med = {n: {m: statistics.median(v) for m, v in w.items()} for n, w in wall.items()}
     med_cpu = {n: {m: statistics.median(v) for m, v in c.items()} for n, c in cpu.items()}
@@ -179,6 +181,7 @@ def main() -> None:
         "wall_s": total, "cells_cpu_s": total_cpu, "overhead_1_worker": round(overhead, 4),
         "speedup": round(speedup, 3), "overhead_kept_1_worker": round(kept_overhead, 4),
         "kept_cluster_start_s": round(kept_start, 2), "per_stage_wall_s": med,
+        "per_stage_cells_cpu_s": med_cpu,
         "load_before": load_before, "load_after": load_after,
     }  # fmt: skip
     print(json.dumps(figures))
