@@ -1,6 +1,7 @@
 # make repro: set up .venv (from the pinned requirements) and run the DVC pipeline.
 # make test:  set up the same way and run the test suite.
 # make test-fast: the unit tests only (not the tests marked slow: dvc, pipelines, browser, bench).
+# make bench-cells: the Dask overhead and speed-up on the default depth atlas (minutes).
 SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -9,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NAMES_MIRROR ?= $(wildcard $(CURDIR)/../shared/data/names.txt)
 export NAMES_MIRROR
 
-.PHONY: repro test test-fast bench sweep sweep-report lint clean-venv atlas-full
+.PHONY: repro test test-fast bench bench-cells sweep sweep-report lint clean-venv atlas-full
 
 $(STAMP): requirements.txt
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -30,6 +31,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	python -m benchmarks.bench
+	@echo "(the atlas cells on Dask, embedded vs direct: make bench-cells)"
+
+bench-cells: $(STAMP)
+	python -m benchmarks.cells_bench
 
 # Queue an 11-point gain sweep on DVC's experiment queue and run it with two single-threaded
 # workers. With default params each point retrains kaiming (8 seeds x 200k steps): hours here.

@@ -1,81 +1,191 @@
-"""Overhead of pipeline.cells.run_cells against calling the cells directly in a loop.
+"""The Dask overhead and speed-up on the default depth atlas: its cells called directly
+against pipeline.cells.run_cells on an embedded cluster of 1 and of 2 workers.
 
-The cells are tests/dask_support.train_cell (seeded SGD on a tanh layer; ``--size 512
---steps 55`` takes about 2 s on one core here). Three ways, whole-call wall time:
-- direct: ``call_cell`` in a loop in this process (torch on one thread, as in a worker);
-- embedded, 1 worker: ``run_cells`` on an embedded cluster of one worker process
-  (cluster start, worker imports, pickling and shutdown included): the overhead;
-- embedded, all CPUs: the default, one worker per ``available_cpus()``: the speed-up.
-Repeats are interleaved and the median reported, so that other load on the machine hits
-every column alike. The cells' own CPU seconds (``call_cell``'s "cpu_seconds") are
-reported too: on a shared machine wall times measure its other load as well. The results
-are checked byte for byte against the direct ones.
-Run: python -m benchmarks.cells_bench [--cells 8] [--size 512] [--steps 55] [--repeats 2]
+The cells are exactly the atlas stages' (``cells()`` of pipeline/stages/atlas_init.py at
+every atlas.depths, atlas_width.py, atlas_train.py at every atlas.train.depths,
+atlas_he.py) for params.yaml as it is, built from the split in ``--data`` (default
+data/processed, else a split made here from $NAMES_MIRROR or data/raw/names.txt). Per
+stage, three ways, whole-call wall time:
+- direct: ``call_cell`` on each cell in turn in this process (torch on one thread, as in
+  a worker);
+- embedded, 1 worker: ``run_cells(..., n_workers=1)``, one embedded cluster per stage as
+  the stage runs it (cluster start, the worker's imports, shipping the cells and
+  results, shutdown included): the Dask overhead, which issue 17 wants within 10%;
+- embedded, 2 workers (``n_workers=available_cpus()``, the stages' default): the speed-up;
+- kept, 1 worker: ``run_cells`` pointed (as CHARLM_SCHEDULER would) at one cluster of
+  1 worker started once for all stages, as a scheduler and worker started by hand on
+  this machine would be: Dask's own cost without a cluster's start per stage.
+The runs of a stage follow one another (their order rotating from stage to stage),
+so that the machine's other load falls on all three alike; with ``--repeats`` > 1 the
+whole set runs again and each figure is the median. The cells' own CPU seconds
+(``call_cell``'s "cpu_seconds") are given too, as is the load average. Every stage's
+results are checked byte for byte (its output JSON) against the direct ones.
+Run: python -m benchmarks.cells_bench [--params params.yaml] [--data DIR] [--repeats 1]
 The last line of output is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from unittest import mock
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from dask_support import train_cell
+from typing import Any
 
 from charlm.cpus import available_cpus
-from pipeline import cells as cells_mod
+from pipeline import atlas, outputs, params
+from pipeline.cells import EMBEDDED_CONFIG, call_cell, run_cells
+from pipeline.stages import atlas_he, atlas_init, atlas_train, atlas_width
+
+Job = tuple[str, Callable[[Any], Any], dict[str, Any]]  # stage name, cell function, cells
+
+
+def jobs(params_path: Path, data: Path) -> list[Job]:
+    """Every atlas stage's cells for ``params_path``, in dvc.yaml's order."""
+
+    def load(stage: str) -> dict[str, Any]:
+        return params.load(params_path, params.stage_keys(stage))
+
+    cfg = params.load(params_path, ["atlas"])["atlas"]
+    split, V, T = atlas.load_split(data)
+    p_init, p_train = load("atlas_init"), load("atlas_train")
+    return [
+        *[(f"atlas_init@{d}", atlas.init_cell, atlas_init.cells(p_init, split, V, T, d))
+          for d in cfg.depths],
+        ("atlas_width", atlas.init_cell, atlas_width.cells(load("atlas_width"), split, V, T)),
+        *[(f"atlas_train@{d}", atlas.train_cell, atlas_train.cells(p_train, split, V, T, d))
+          for d in cfg.train.depths],
+        ("atlas_he", atlas.train_cell, atlas_he.cells(load("atlas_he"), split, V, T)),
+    ]  # fmt: skip
+
+
+def split_dir(data: Path | None, params_path: Path) -> Path:
+    """``data``, else data/processed, else a split of the names file made in a temp dir."""
+    if data is not None:
+        return data
+    if Path("data/processed/counts.json").is_file():
+        return Path("data/processed")
+    from pipeline.stages.split import split
+
+    names = Path(os.environ.get("NAMES_MIRROR", "").removeprefix("file://") or "data/raw/names.txt")
+    out = Path(tempfile.mkdtemp(prefix="cells-bench-")) / "processed"
+    split(names, out, **params.load(params_path, ["split"])["split"].model_dump())
+    return out
+
+
+@contextlib.contextmanager
+def kept_cluster(n_workers: int) -> Iterator[str]:
+    """A cluster like run_cells' embedded one (127.0.0.1, one thread per worker,
+    throwaway TLS credentials, which this process's clients get through Dask's config)
+    kept for the block; yields its address."""
+    import dask
+    from distributed import LocalCluster, Security
+
+    sec = Security.temporary()
+    tls = {
+        "distributed.comm.tls.ca-file": sec.tls_ca_file,
+        "distributed.comm.tls.client.cert": sec.tls_client_cert,
+        "distributed.comm.tls.client.key": sec.tls_client_key,
+    }
+    saved = dict(os.environ)  # the Nanny sets OMP_NUM_THREADS and others here
+    with dask.config.set({**EMBEDDED_CONFIG, **tls}):
+        cluster = LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, silence_logs=logging.ERROR,
+            security=sec,
+        )  # fmt: skip
+        try:
+            yield cluster.scheduler_address
+        finally:
+            cluster.close(timeout=10)
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def run(
+    mode: str, fn: Callable[[Any], Any], cells: dict[str, Any], kept: str
+) -> tuple[float, float, str]:
+    """One way of computing ``cells``: (wall s, the cells' CPU s, the results as JSON)."""
+    start = time.perf_counter()
+    if mode == "direct":
+        calls = {cid: call_cell(fn, cell) for cid, cell in cells.items()}
+        results = {cid: r for cid, (r, _) in calls.items()}
+        cpu = sum(where["cpu_seconds"] for _, where in calls.values())
+    else:
+        n = None if mode == "kept_1" else int(mode.removeprefix("embedded_"))
+        results, rec = run_cells(fn, cells, desc=mode, scheduler=kept if n is None else "",
+                                 progress=False, n_workers=n)  # fmt: skip
+        cpu = sum(rec["cell_cpu_seconds"].values())
+    return time.perf_counter() - start, cpu, outputs.dumps_json(list(results.values()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=8)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=55)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, help="a split directory (the split stage's)")
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    os.environ.pop(cells_mod.SCHEDULER_ENV, None)
-    cells = {
-        f"s{s}": {"seed": s, "gain": 1.0, "size": args.size, "steps": args.steps}
-        for s in range(args.cells)
-    }
     cpus = available_cpus()
-    times: dict[str, list[float]] = {"direct": [], "embedded_1": [], f"embedded_{cpus}": []}
-    cpu: dict[str, list[float]] = {k: [] for k in times}
-    direct = {}
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        calls = {cid: cells_mod.call_cell(train_cell, c) for cid, c in cells.items()}
-        times["direct"].append(time.perf_counter() - start)
-        cpu["direct"].append(sum(where["cpu_seconds"] for _, where in calls.values()))
-        direct = {cid: result for cid, (result, _) in calls.items()}
-        for n in (1, cpus):
-            start = time.perf_counter()
-            with mock.patch("charlm.cpus.available_cpus", return_value=n):
-                results, rec = cells_mod.run_cells(train_cell, cells, desc=f"{n} worker(s)")
-            times[f"embedded_{n}"].append(time.perf_counter() - start)
-            cpu[f"embedded_{n}"].append(sum(rec["cell_cpu_seconds"].values()))
-            same = all(
-                results[c]["w"].numpy().tobytes() == direct[c]["w"].numpy().tobytes() for c in cells
-            )
-            assert same, "embedded results differ from direct calls"
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    for k, v in med.items():
-        print(
-            f"{k:>12}: wall {v:7.2f} s ({v / med['direct']:5.2f} x direct), "
-            f"cells' CPU {med_cpu[k]:7.2f} s ({med_cpu[k] / med_cpu['direct']:5.2f} x direct)"
-        )
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    figures = {"cells": args.cells, "cpus": cpus, "wall_s": med, "cells_cpu_s": med_cpu}
-    print(json.dumps({**figures, "load1": load}))
+    modes = list(dict.fromkeys(["direct", "embedded_1", f"embedded_{cpus}", "kept_1"]))
+    todo = jobs(args.params, split_dir(args.data, args.params))
+    n_cells = sum(len(c) for _, _, c in todo)
+    load_before = os.getloadavg()
+    print(f"{len(todo)} stages, {n_cells} cells; {cpus} CPUs; load average {load_before}")
+    print("per stage: wall seconds (the cells' CPU seconds)")
+    wall: dict[str, dict[str, list[float]]] = {name: {m: [] for m in modes} for name, _, _ in todo}
+    cpu: dict[str, dict[str, list[float]]] = {name: {m: [] for m in modes} for name, _, _ in todo}
+    start = time.perf_counter()
+    with kept_cluster(1) as kept:
+        kept_start = time.perf_counter() - start
+        for rep in range(args.repeats):
+            for i, (name, fn, cells) in enumerate(todo):
+                turn = rep * len(todo) + i
+                order = modes[turn % len(modes) :] + modes[: turn % len(modes)]
+                texts = {}
+                for mode in order:
+                    w, c, texts[mode] = run(mode, fn, cells, kept)
+                    wall[name][mode].append(w)
+                    cpu[name][mode].append(c)
+                same = all(texts[m] == texts["direct"] for m in modes)
+                assert same, f"{name}: results differ between {modes}"
+                row = "  ".join(f"{m} {wall[name][m][-1]:5.1f} s ({cpu[name][m][-1]:5.1f})"
+                                for m in modes)  # fmt: skip
+                print(f"{name:>15} ({len(cells):2d} cells): {row}", flush=True)
+    med = {n: {m: statistics.median(v) for m, v in w.items()} for n, w in wall.items()}
+    med_cpu = {n: {m: statistics.median(v) for m, v in c.items()} for n, c in cpu.items()}
+    total = {m: sum(med[n][m] for n in med) for m in modes}
+    total_cpu = {m: sum(med_cpu[n][m] for n in med) for m in modes}
+    load_after = os.getloadavg()
+    print(f"\n{'':>15}  {'wall':>9}  {'x direct':>8}  {'cells CPU':>9}")
+    for m in modes:
+        print(f"{m:>15}  {total[m]:7.1f} s  {total[m] / total['direct']:8.3f}  "
+              f"{total_cpu[m]:7.1f} s")  # fmt: skip
+    overhead = total["embedded_1"] / total["direct"] - 1
+    speedup = total["direct"] / total[modes[2]]
+    print(f"Dask overhead, 1 worker vs direct: {overhead:+.1%} (issue 17: within 10%)")
+    print(f"speed-up, {cpus} workers vs direct: {speedup:.2f}x")
+    kept_overhead = total["kept_1"] / total["direct"] - 1
+    print(f"1 kept worker vs direct: {kept_overhead:+.1%} (its cluster's start, "
+          f"{kept_start:.1f} s, not counted)")  # fmt: skip
+    print(f"load average before {load_before}, after {load_after}; "
+          f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
+    figures = {
+        "stages": len(todo), "cells": n_cells, "cpus": cpus, "repeats": args.repeats,
+        "wall_s": total, "cells_cpu_s": total_cpu, "overhead_1_worker": round(overhead, 4),
+        "speedup": round(speedup, 3), "overhead_kept_1_worker": round(kept_overhead, 4),
+        "kept_cluster_start_s": round(kept_start, 2), "per_stage_wall_s": med,
+        "per_stage_cells_cpu_s": med_cpu,
+        "load_before": load_before, "load_after": load_after,
+    }  # fmt: skip
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

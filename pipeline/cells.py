@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -44,15 +45,21 @@ EMBEDDED_CONFIG = {
     "distributed.scheduler.http.routes": [],
     "distributed.worker.http.routes": [],
 }
+# Signals after which a stage stops (pipeline.outputs.STOP_SIGNALS: Ctrl-C, kill, hangup).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TLS_HINT = (
     "distributed.comm.tls.ca-file, .client.cert and .client.key in Dask's configuration "
     "(DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._CLIENT__CERT, ..._CLIENT__KEY)"
 )
 
 
-class SchedulerUnreachable(RuntimeError):
+class SchedulerUnreachable(ConnectionError, RuntimeError):
     """The Dask scheduler at ``address`` cannot be used: it did not answer within the
-    connect timeout, or (tls://) this side has no TLS certificate configured."""
+    connect timeout, or (tls://) this side has no TLS certificate configured.
+
+    A ConnectionError (an OSError), so that a stage (``pipeline.outputs.run``) stops with
+    its one-line ``error: no Dask scheduler reachable at <address>: ...`` and exit
+    status 1, not a traceback; a RuntimeError too, as it was first."""
 
     def __init__(self, address: str, reason: str):
         super().__init__(
@@ -104,19 +111,88 @@ def _close(closable: Any) -> None:
 
 
 def _kill_workers(cluster: Any) -> None:
-    """SIGKILL the embedded worker processes (no restart): a running cell cannot be
-    stopped politely, and a graceful close would wait for it."""
+    """SIGKILL the embedded worker processes (no restart). On the way out with an
+    exception: a running cell cannot be stopped politely, and a graceful close would wait
+    for it. After a run: every result is back and the workers hold nothing, while a
+    graceful close waits for each worker's interpreter teardown (1.2-1.8 s with torch
+    loaded, on a loaded machine past CLOSE_TIMEOUT: the close was then abandoned halfway
+    and a worker logged heartbeat errors). Their scratch directories are purged by the
+    next Dask cluster on the machine."""
     for nanny in cluster.workers.values():
-        nanny.close_gracefully(reason="cells interrupted")  # the Nanny restarts no worker
+        nanny.close_gracefully(reason="cells done")  # the Nanny restarts no worker
         with contextlib.suppress(OSError, TypeError):  # gone already, or never started
             os.kill(nanny.pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
-def _client(address: str | None, timeout: float) -> Iterator[Any]:
-    """A Client of the scheduler at ``address``, or of an embedded cluster when None;
-    closed on the way out, the embedded cluster too (its workers killed when an
-    exception, KeyboardInterrupt included, is on its way)."""
+def _no_restart_on_stop(cluster: Any) -> Iterator[None]:
+    """While the embedded cluster runs, a stop signal first tells its Nannies not to
+    restart their workers, then runs the Python handler installed before it.
+
+    A stage's handler (``pipeline.outputs``) stops every child process at once; a Nanny
+    that saw its worker die would otherwise start a fresh one in the meantime (which the
+    closing cluster then cancels, logging errors, leaking its semaphores). Signals whose
+    handler is not a Python function (ignored, default) are left alone, and so is
+    everything outside the main thread, where no handler can be installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: h for s in STOP_SIGNALS if callable(h := signal.getsignal(s))}
+
+    def handler(signum: int, frame: Any) -> None:
+        for nanny in list(cluster.workers.values()):
+            nanny.close_gracefully(reason="stop signal")  # a status: restart no worker
+        previous[signum](signum, frame)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            if signal.getsignal(s) is handler:  # the stage's handler may have changed it
+                signal.signal(s, h)
+
+
+def _tracker_alive() -> bool:
+    """Whether a child of this process runs multiprocessing's resource tracker."""
+    import psutil  # comes with dask.distributed
+
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE and any(
+                "resource_tracker" in arg for arg in child.cmdline()
+            ):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _untracked_if_tracker_gone() -> Iterator[None]:
+    """While closing the embedded cluster after a stop signal: if multiprocessing's
+    resource tracker is gone (a stage's signal handler, ``pipeline.outputs``, stops every
+    child of the stage, the tracker among them), each Nanny semaphore is still unlinked
+    but its ``resource_tracker.unregister`` is skipped. Otherwise multiprocessing would
+    relaunch a tracker that never saw those semaphores, and that one prints a KeyError
+    traceback for each (12 with 2 workers) after the stage's one-line message."""
+    from multiprocessing import resource_tracker
+
+    if _tracker_alive():
+        yield
+        return
+    unregister = resource_tracker.unregister
+    resource_tracker.unregister = lambda name, rtype: None  # looked up at each call
+    try:
+        yield
+    finally:
+        resource_tracker.unregister = unregister
+
+
+@contextlib.contextmanager
+def _client(address: str | None, timeout: float, n_workers: int | None) -> Iterator[Any]:
+    """A Client of the scheduler at ``address``, or of an embedded cluster of
+    ``n_workers`` workers (default ``available_cpus()``) when None; closed on the way
+    out, the embedded cluster too (its workers killed first: ``_kill_workers``)."""
     import dask
     from distributed import Client, LocalCluster, Security
 
@@ -138,25 +214,32 @@ def _client(address: str | None, timeout: float) -> Iterator[Any]:
     try:
         with dask.config.set(EMBEDDED_CONFIG):
             cluster = LocalCluster(
-                n_workers=available_cpus(),
+                n_workers=available_cpus() if n_workers is None else n_workers,
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address=None,
+                # no dashboard, but the scheduler still opens an HTTP server (no routes):
+                # on a free loopback port, not 8787 (which another cluster on the machine
+                # may hold: Dask then warns "Port 8787 is already in use")
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 silence_logs=logging.ERROR,
                 security=True,
             )
         try:
-            client = Client(cluster, timeout=timeout)
-            try:
-                yield client
-            finally:
-                _close(client)
+            with _no_restart_on_stop(cluster):
+                client = Client(cluster, timeout=timeout)
+                try:
+                    yield client
+                finally:
+                    _close(client)
         except BaseException:
             _kill_workers(cluster)
+            with _untracked_if_tracker_gone():
+                _close(cluster)
             raise
-        finally:
-            _close(cluster)
+        _kill_workers(cluster)
+        _close(cluster)
     finally:
         _restore_environ(saved)
 
@@ -169,6 +252,7 @@ def run_cells(
     scheduler: str | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
     progress: bool = True,
+    n_workers: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compute ``fn(cell)`` for every cell on Dask; return the results and a run record.
 
@@ -181,6 +265,9 @@ def run_cells(
             $CHARLM_SCHEDULER; unset or empty: an embedded cluster on 127.0.0.1.
         connect_timeout: seconds to reach the scheduler.
         progress: show a tqdm bar of cells done on stderr.
+        n_workers: worker processes of the embedded cluster (one thread each); default
+            ``charlm.cpus.available_cpus()``. Ignored with a scheduler address (its
+            cluster has the workers it has).
 
     Returns:
         ``(results, record)``: results as {cell id: fn(cell)} in the order of ``cells``
@@ -195,11 +282,15 @@ def run_cells(
     is not retried (a pure cell would fail again): the other cells are cancelled and it
     propagates. So does KeyboardInterrupt, once the cells are cancelled and the client
     and embedded cluster closed (a cell already running on a remote worker runs to its
-    end there; its result is dropped).
+    end there; its result is dropped). While an embedded cluster runs, SIGINT, SIGTERM
+    and SIGHUP first stop its Nannies from restarting workers, then run the Python
+    handler installed before (a stage's, which stops every child process at once).
 
     Raises:
-        SchedulerUnreachable: no scheduler answered at the address in time.
+        SchedulerUnreachable: no scheduler answered at the address in time, or a
+            tls:// address without a client certificate configured.
         TypeError: a cell id is not a str.
+        ValueError: ``n_workers`` < 1.
         Exception: the first exception raised by ``fn`` for any cell.
     """
     import dask
@@ -209,11 +300,13 @@ def run_cells(
 
     if not all(isinstance(cid, str) for cid in cells):
         raise TypeError("cell ids must be str")
+    if n_workers is not None and n_workers < 1:
+        raise ValueError(f"n_workers must be >= 1, got {n_workers}")
     if scheduler is None:
         scheduler = os.environ.get(SCHEDULER_ENV, "")
     address = scheduler.strip() or None
     start = time.perf_counter()
-    with _client(address, connect_timeout) as client:
+    with _client(address, connect_timeout, n_workers) as client:
         if not client.scheduler_info()["workers"]:
             print(f"{desc}: no Dask worker yet at {address}; waiting for one", file=sys.stderr)
         futures = {

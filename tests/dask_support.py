@@ -1,16 +1,47 @@
-"""A deterministic torch cell for the pipeline.cells tests and benchmark.
+"""Dask test helpers: deterministic toy cells, a cluster on 127.0.0.1, certificates, a gate.
 
-Module-level, so that Dask pickles ``train_cell`` by reference and a worker imports it:
-workers started by the tests get the repository root and tests/ on PYTHONPATH.
+The cells (and ``Gate``) are module-level, so that Dask pickles them by reference and a
+worker imports this module: workers started by ``cluster`` get the repository root and
+tests/ on PYTHONPATH. ``cluster`` starts real ``dask scheduler`` and ``dask worker``
+processes of this venv, bound to 127.0.0.1, and stops them by pid (tests/test_cells.py,
+tests/test_atlas_cluster.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import functools
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
+from distributed import Client, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+# `python -m dask`, not the venv's `dask` script: a copied venv's scripts keep the first
+# venv's interpreter in their #! line (this worktree's .venv/bin/dask ran /work/main's)
+DASK = [sys.executable, "-m", "dask"]
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+SCHEDULER_ENV = "CHARLM_SCHEDULER"  # pipeline.cells.SCHEDULER_ENV (not imported: workers)
+# Workers import the repository and tests/dask_support.py; their Nanny keeps glibc's
+# adaptive mmap threshold (see pipeline.cells.EMBEDDED_CONFIG).
+# (Dask lower-cases the names in DASK_* variables, so only a YAML file can drop the
+# upper-case MALLOC_TRIM_THRESHOLD_; docs/cluster.md gives it to worker sites too.)
+WORKER_ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+WORKER_YAML = "distributed:\n  nanny:\n    pre-spawn-environ:\n      MALLOC_TRIM_THRESHOLD_: null\n"
 
 
 def train_cell(cell: dict[str, Any]) -> dict[str, Any]:
@@ -60,3 +91,176 @@ def failing_cell(cell: dict[str, Any]) -> int:
     if cell["seed"] % 2:
         raise ValueError(f"odd seed {cell['seed']}")
     return cell["seed"]
+
+
+# ---- a gate that holds the atlas's cells on every worker until the test opens it
+
+GATED = ("init_cell", "train_cell")  # the cell functions of pipeline.atlas
+
+
+def _gated(directory: str, timeout: float, fn: Callable[[Any], Any], cell: Any) -> Any:
+    """Announce ``<directory>/<pid>.running`` (its text: this worker's address), wait
+    until ``<directory>/open`` exists (at most ``timeout`` s), then return ``fn(cell)``."""
+    gate = Path(directory)
+    tmp = gate / f".{os.getpid()}.tmp"
+    tmp.write_text(get_worker().address, encoding="utf-8")
+    tmp.replace(gate / f"{os.getpid()}.running")  # whole, or not there
+    deadline = time.monotonic() + timeout
+    while not (gate / "open").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return fn(cell)
+
+
+class Gate(WorkerPlugin):
+    """Hold every cell of ``pipeline.atlas`` on each worker until the test opens the gate.
+
+    Registered with ``Client.register_plugin`` (on every worker, and on any worker that
+    joins later, such as a Nanny's restart of a killed one), it replaces
+    ``pipeline.atlas.init_cell`` and ``train_cell`` in the worker's process with
+    ``_gated`` around them: a task unpickles its cell function by name, so it gets the
+    gated one. A cell then writes ``<directory>/<worker pid>.running`` and waits for
+    ``<directory>/open``: a test knows which worker process is inside a cell, and that
+    the cell cannot finish before the gate opens. Results are unchanged (the same
+    function runs after the wait). ``Client.unregister_worker_plugin("gate")`` puts the
+    functions back.
+    """
+
+    name = "gate"
+
+    def __init__(self, directory: Path, timeout: float = 120.0):
+        self.directory, self.timeout = str(directory), timeout
+        self.saved: dict[str, Callable[[Any], Any]] = {}
+
+    def setup(self, worker: Any) -> None:
+        from pipeline import atlas
+
+        self.saved = {name: getattr(atlas, name) for name in GATED}
+        for name, fn in self.saved.items():
+            setattr(atlas, name, functools.partial(_gated, self.directory, self.timeout, fn))
+
+    def teardown(self, worker: Any) -> None:
+        from pipeline import atlas
+
+        for name, fn in self.saved.items():
+            setattr(atlas, name, fn)
+
+
+# ---- a cluster of real processes on 127.0.0.1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process, SIGKILL it after 3 s, then SIGKILL its descendants."""
+    family = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            family += psutil.Process(p.pid).children(recursive=True)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for child in family:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+@contextlib.contextmanager
+def cluster(workers: int, tls: list[str] | None = None) -> Iterator[str]:
+    """A scheduler and ``workers`` single-threaded workers on 127.0.0.1; yields the
+    address once every worker has registered; stops them all by pid afterwards."""
+    port = free_port()
+    proto = "tls" if tls else "tcp"
+    address = f"{proto}://127.0.0.1:{port}"
+    config = Path(tempfile.mkdtemp(prefix="dask-config-"))
+    (config / "cells.yaml").write_text(WORKER_YAML, encoding="utf-8")
+    env = {**os.environ, **WORKER_ENV, "DASK_CONFIG": str(config)}
+    env.pop(SCHEDULER_ENV, None)
+    # --no-dashboard still leaves an HTTP server (health, metrics) on every interface: bind
+    # it to loopback too
+    common = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0", *(tls or [])]
+    procs = [
+        subprocess.Popen(
+            [
+                *DASK,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--protocol",
+                proto,
+                *common,
+            ],
+            env=env,
+        )
+    ]
+    try:
+        procs += [
+            subprocess.Popen(
+                [*DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", *common],
+                env=env,
+            )
+            for _ in range(workers)
+        ]
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(workers, timeout=60)
+        yield address
+    finally:
+        stop(procs[::-1])
+        shutil.rmtree(config, ignore_errors=True)
+
+
+def certificates(tmp: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 it signed: (ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject, issuer, key, signer, ca: bool):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = build("test CA", "test CA", ca_key, ca_key, ca=True)
+    cert = build("127.0.0.1", "test CA", key, ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    paths = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(cert.public_bytes(pem))
+    paths[2].write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def running(p: psutil.Process) -> bool:
+    """Alive and not a zombie (an exited orphan that this machine's init may never reap)."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

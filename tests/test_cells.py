@@ -8,49 +8,37 @@ along with any process it started; no network is needed.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import dask
 import psutil
 import pytest
 import torch
-from dask_support import failing_cell, task_states, train_cell
+from dask_support import (
+    WORKER_ENV,
+    certificates,
+    cluster,
+    failing_cell,
+    free_port,
+    running,
+    task_states,
+    train_cell,
+)
 from distributed import Client
-from support import ROOT
 
 from pipeline import cells as cells_mod
 from pipeline.cells import SchedulerUnreachable, call_cell, run_cells
 
-DASK = Path(sys.executable).with_name("dask")
-TESTS = Path(__file__).resolve().parent
-# Workers import the repository and tests/dask_support.py; their Nanny keeps glibc's
-# adaptive mmap threshold (see pipeline.cells.EMBEDDED_CONFIG).
-# (Dask lower-cases the names in DASK_* variables, so only a YAML file can drop the
-# upper-case MALLOC_TRIM_THRESHOLD_; docs/cluster.md gives it to worker sites too.)
-WORKER_ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
-WORKER_YAML = "distributed:\n  nanny:\n    pre-spawn-environ:\n      MALLOC_TRIM_THRESHOLD_: null\n"
 SMALL = {
     f"g{g}-s{s}": {"seed": s, "gain": g, "size": 48, "steps": 10} for g in (1, 2) for s in (0, 1, 2)
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def same_bytes(a: dict, b: dict) -> bool:
@@ -65,72 +53,6 @@ def same_bytes(a: dict, b: dict) -> bool:
             if x[k].dtype != y[k].dtype or x[k].numpy().tobytes() != y[k].numpy().tobytes():
                 return False
     return True
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each process, SIGKILL it after 3 s, then SIGKILL its descendants."""
-    family = []
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            family += psutil.Process(p.pid).children(recursive=True)
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    for child in family:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-
-
-@contextlib.contextmanager
-def cluster(workers: int, tls: list[str] | None = None) -> Iterator[str]:
-    """A scheduler and ``workers`` single-threaded workers on 127.0.0.1; yields the
-    address once every worker has registered; stops them all by pid afterwards."""
-    port = free_port()
-    proto = "tls" if tls else "tcp"
-    address = f"{proto}://127.0.0.1:{port}"
-    config = Path(tempfile.mkdtemp(prefix="dask-config-"))
-    (config / "cells.yaml").write_text(WORKER_YAML, encoding="utf-8")
-    env = {**os.environ, **WORKER_ENV, "DASK_CONFIG": str(config)}
-    env.pop(cells_mod.SCHEDULER_ENV, None)
-    # --no-dashboard still leaves an HTTP server (health, metrics) on every interface: bind
-    # it to loopback too
-    common = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0", *(tls or [])]
-    procs = [
-        subprocess.Popen(
-            [
-                DASK,
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--protocol",
-                proto,
-                *common,
-            ],
-            env=env,
-        )
-    ]
-    try:
-        procs += [
-            subprocess.Popen(
-                [DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", *common],
-                env=env,
-            )
-            for _ in range(workers)
-        ]
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(workers, timeout=60)
-        yield address
-    finally:
-        stop(procs[::-1])
-        shutil.rmtree(config, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +156,12 @@ def test_unreachable_scheduler_fails_fast():
         run_cells(train_cell, SMALL, desc="x", scheduler=address, connect_timeout=2)
     assert time.monotonic() - start < 10
     assert isinstance(info.value, RuntimeError) and info.value.address == address
+    assert isinstance(info.value, ConnectionError)  # a stage prints one 'error:' line
+
+
+def test_n_workers_must_be_positive():
+    with pytest.raises(ValueError, match="n_workers must be >= 1, got 0"):
+        run_cells(train_cell, SMALL, desc="x", scheduler="", n_workers=0)
 
 
 def test_tls_without_certificate_fails_fast(monkeypatch):
@@ -245,48 +173,10 @@ def test_tls_without_certificate_fails_fast(monkeypatch):
             run_cells(train_cell, SMALL, desc="x", scheduler="tls://127.0.0.1:1")
 
 
-def _certificates(tmp: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a certificate for 127.0.0.1 it signed: (ca, cert, key)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def build(subject, issuer, key, signer, ca: bool):
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(signer, hashes.SHA256())
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = build("test CA", "test CA", ca_key, ca_key, ca=True)
-    cert = build("127.0.0.1", "test CA", key, ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    paths = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(pem))
-    paths[1].write_bytes(cert.public_bytes(pem))
-    paths[2].write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return paths
-
-
 @pytest.mark.slow
 def test_tls_cluster(tmp_path):
     """Cells over tls://, the client's certificates from Dask's configuration."""
-    ca, cert, key = _certificates(tmp_path)
+    ca, cert, key = certificates(tmp_path)
     tls = ["--tls-ca-file", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
     config = {
         "distributed.comm.tls.ca-file": str(ca),
@@ -299,14 +189,6 @@ def test_tls_cluster(tmp_path):
     assert all(a.startswith("tls://127.0.0.1:") for a in rec["worker_addresses"])
     direct = {cid: call_cell(train_cell, cell)[0] for cid, cell in SMALL.items()}
     assert same_bytes(results, direct)
-
-
-def running(p: psutil.Process) -> bool:
-    """Alive and not a zombie (an exited orphan that this machine's init may never reap)."""
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 CHILD = """

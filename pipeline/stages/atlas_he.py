@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from pipeline import atlas, outputs, params, records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    records.add_record_argument(parser)
-    args = parser.parse_args()
-    p = params.load(args.params, params.stage_keys("atlas_he"))
+def cells(p: dict[str, Any], split: dict[str, Any], V: int, T: int) -> dict[str, dict[str, Any]]:
+    """The stage's two cells, 'lr' and 'lower_lr': atlas.he's relu net at each learning
+    rate, all its gains x seeds, with the whole split.
+
+    Args:
+        p: params as ``params.load`` hands them to this stage (its ``stage_keys``).
+        split, V, T: ``atlas.load_split`` of the split directory.
+
+    Returns:
+        cell id -> the ``atlas.train_cell`` argument.
+    """
     he = p["atlas.he"]
-    split, V, T = atlas.load_split(args.data)
-    cells = {
+    return {
         name: {
             "depth": he.depth,
             "nonlinearity": "relu",
@@ -46,9 +49,20 @@ def main() -> None:
         }
         for name, lr in (("lr", he.lr), ("lower_lr", he.lower_lr))
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    records.add_record_argument(parser)
+    args = parser.parse_args()
+    p = params.load(args.params, params.stage_keys("atlas_he"))
+    split, V, T = atlas.load_split(args.data)
     atlas.run_stage(
-        atlas.train_cell, cells, desc="atlas_he", out=args.out, record=args.record,
-        header={"depth": he.depth},
+        atlas.train_cell, cells(p, split, V, T), desc="atlas_he", out=args.out,
+        record=args.record, header={"depth": p["atlas.he"].depth},
     )  # fmt: skip
 
 

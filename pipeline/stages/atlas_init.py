@@ -15,8 +15,41 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from pipeline import atlas, outputs, params, records
+
+
+def cells(
+    p: dict[str, Any], split: dict[str, Any], V: int, T: int, depth: int
+) -> dict[str, dict[str, Any]]:
+    """The stage's cells at ``depth``: one per (nonlinearity, BatchNorm, width) of the
+    grid, in that order, each with all its gains x seeds and the same real minibatches.
+
+    Args:
+        p: params as ``params.load`` hands them to this stage (its ``stage_keys``).
+        split, V, T: ``atlas.load_split`` of the split directory.
+        depth: hidden layers L.
+
+    Returns:
+        cell id ('tanh-bnfalse-w100') -> the ``atlas.init_cell`` argument.
+    """
+    batches = atlas.draw_minibatches(
+        split["X"], split["Y"], p["atlas.init_batches"], p["atlas.batch_size"],
+        p["atlas.batch_seed"],
+    )  # fmt: skip
+    out = {}
+    for nl in p["atlas.nonlinearities"]:
+        gains = atlas.gains_of(nl, p["atlas.gain_factors"], p["atlas.extra_gains"])
+        for bn in p["atlas.batchnorm"]:
+            for width in p["atlas.widths"]:
+                out[f"{nl}-bn{str(bn).lower()}-w{width}"] = {
+                    "depth": depth, "nonlinearity": nl, "batchnorm": bn, "width": width,
+                    "n_embd": p["model.n_embd"], "V": V, "T": T, "gains": gains,
+                    "seeds": p["atlas.seeds"], "threshold": p["atlas.threshold"],
+                    "minibatches": batches,
+                }  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -31,24 +64,9 @@ def main() -> None:
         parser.error(f"--depth must be >= 1, got {args.depth}")
     p = params.load(args.params, params.stage_keys("atlas_init"))
     split, V, T = atlas.load_split(args.data)
-    batches = atlas.draw_minibatches(
-        split["X"], split["Y"], p["atlas.init_batches"], p["atlas.batch_size"],
-        p["atlas.batch_seed"],
-    )  # fmt: skip
-    cells = {}
-    for nl in p["atlas.nonlinearities"]:
-        gains = atlas.gains_of(nl, p["atlas.gain_factors"], p["atlas.extra_gains"])
-        for bn in p["atlas.batchnorm"]:
-            for width in p["atlas.widths"]:
-                cells[f"{nl}-bn{str(bn).lower()}-w{width}"] = {
-                    "depth": args.depth, "nonlinearity": nl, "batchnorm": bn, "width": width,
-                    "n_embd": p["model.n_embd"], "V": V, "T": T, "gains": gains,
-                    "seeds": p["atlas.seeds"], "threshold": p["atlas.threshold"],
-                    "minibatches": batches,
-                }  # fmt: skip
     atlas.run_stage(
-        atlas.init_cell, cells, desc=f"atlas_init@{args.depth}", out=args.out,
-        record=args.record, header={"depth": args.depth},
+        atlas.init_cell, cells(p, split, V, T, args.depth), desc=f"atlas_init@{args.depth}",
+        out=args.out, record=args.record, header={"depth": args.depth},
     )  # fmt: skip
 
 

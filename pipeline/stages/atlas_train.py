@@ -17,8 +17,37 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from pipeline import atlas, outputs, params, records
+
+
+def cells(
+    p: dict[str, Any], split: dict[str, Any], V: int, T: int, depth: int
+) -> dict[str, dict[str, Any]]:
+    """The stage's cells at ``depth``: one per (nonlinearity, BatchNorm) family of
+    atlas.train, in that order, each with all its gains x seeds and the whole split.
+
+    Args:
+        p: params as ``params.load`` hands them to this stage (its ``stage_keys``).
+        split, V, T: ``atlas.load_split`` of the split directory.
+        depth: hidden layers L.
+
+    Returns:
+        cell id ('tanh-bnfalse') -> the ``atlas.train_cell`` argument.
+    """
+    out = {}
+    for nl in p["atlas.train.nonlinearities"]:
+        gains = atlas.gains_of(nl, p["atlas.train.gain_factors"], p["atlas.extra_gains"])
+        for bn in p["atlas.train.batchnorm"]:
+            out[f"{nl}-bn{str(bn).lower()}"] = {
+                "depth": depth, "nonlinearity": nl, "batchnorm": bn,
+                "width": p["atlas.train.width"], "n_embd": p["model.n_embd"], "V": V, "T": T,
+                "gains": gains, "seeds": p["atlas.train.seeds"],
+                "steps": p["atlas.train.steps"], "batch_size": p["atlas.train.batch_size"],
+                "lr": p["atlas.train.lr"], "split": split,
+            }  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -33,20 +62,9 @@ def main() -> None:
         parser.error(f"--depth must be >= 1, got {args.depth}")
     p = params.load(args.params, params.stage_keys("atlas_train"))
     split, V, T = atlas.load_split(args.data)
-    cells = {}
-    for nl in p["atlas.train.nonlinearities"]:
-        gains = atlas.gains_of(nl, p["atlas.train.gain_factors"], p["atlas.extra_gains"])
-        for bn in p["atlas.train.batchnorm"]:
-            cells[f"{nl}-bn{str(bn).lower()}"] = {
-                "depth": args.depth, "nonlinearity": nl, "batchnorm": bn,
-                "width": p["atlas.train.width"], "n_embd": p["model.n_embd"], "V": V, "T": T,
-                "gains": gains, "seeds": p["atlas.train.seeds"],
-                "steps": p["atlas.train.steps"], "batch_size": p["atlas.train.batch_size"],
-                "lr": p["atlas.train.lr"], "split": split,
-            }  # fmt: skip
     atlas.run_stage(
-        atlas.train_cell, cells, desc=f"atlas_train@{args.depth}", out=args.out,
-        record=args.record, header={"depth": args.depth},
+        atlas.train_cell, cells(p, split, V, T, args.depth), desc=f"atlas_train@{args.depth}",
+        out=args.out, record=args.record, header={"depth": args.depth},
     )  # fmt: skip
 
 

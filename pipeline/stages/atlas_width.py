@@ -13,26 +13,29 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from pipeline import atlas, outputs, params, records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    records.add_record_argument(parser)
-    args = parser.parse_args()
-    p = params.load(args.params, params.stage_keys("atlas_width"))
+def cells(p: dict[str, Any], split: dict[str, Any], V: int, T: int) -> dict[str, dict[str, Any]]:
+    """The stage's cells: one per width of atlas.width_sweep, in that order, each with
+    all its gains x seeds and the same real minibatches.
+
+    Args:
+        p: params as ``params.load`` hands them to this stage (its ``stage_keys``).
+        split, V, T: ``atlas.load_split`` of the split directory.
+
+    Returns:
+        cell id ('w100') -> the ``atlas.init_cell`` argument.
+    """
     sweep = p["atlas.width_sweep"]
-    split, V, T = atlas.load_split(args.data)
     batches = atlas.draw_minibatches(
         split["X"], split["Y"], p["atlas.init_batches"], p["atlas.batch_size"],
         p["atlas.batch_seed"],
     )  # fmt: skip
     gains = atlas.gains_of(sweep.nonlinearity, sweep.gain_factors, [])
-    cells = {
+    return {
         f"w{width}": {
             "depth": sweep.depth,
             "nonlinearity": sweep.nonlinearity,
@@ -48,9 +51,21 @@ def main() -> None:
         }
         for width in sweep.widths
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    records.add_record_argument(parser)
+    args = parser.parse_args()
+    p = params.load(args.params, params.stage_keys("atlas_width"))
+    sweep = p["atlas.width_sweep"]
+    split, V, T = atlas.load_split(args.data)
     atlas.run_stage(
-        atlas.init_cell, cells, desc="atlas_width", out=args.out, record=args.record,
-        header={"depth": sweep.depth, "nonlinearity": sweep.nonlinearity},
+        atlas.init_cell, cells(p, split, V, T), desc="atlas_width", out=args.out,
+        record=args.record, header={"depth": sweep.depth, "nonlinearity": sweep.nonlinearity},
     )  # fmt: skip
 
 
