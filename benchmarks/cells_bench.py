@@ -48,7 +48,12 @@ Job = tuple[str, Callable[[Any], Any], dict[str, Any]]  # stage name, cell funct
 
 
 def jobs(params_path: Path, data: Path) -> list[Job]:
-    """Every atlas stage's cells for ``params_path``, in dvc.yaml's order."""
+    """Every atlas stage's cells for ``params_path``, in dvc.yaml's order.
+
+    Raises:
+        pipeline.params.ParamsError: ``params_path`` is missing or invalid.
+        OSError: the split directory lacks counts.json, train.pt or val.pt.
+    """
 
     def load(stage: str) -> dict[str, Any]:
         return params.load(params_path, params.stage_keys(stage))
@@ -67,7 +72,11 @@ def jobs(params_path: Path, data: Path) -> list[Job]:
 
 
 def split_dir(data: Path | None, params_path: Path) -> Path:
-    """``data``, else data/processed, else a split of the names file made in a temp dir."""
+    """``data``, else data/processed, else a split of the names file made in a temp dir.
+
+    Raises:
+        OSError, ValueError: the names file is missing or unreadable (the split stage's).
+    """
     if data is not None:
         return data
     if Path("data/processed/counts.json").is_file():
@@ -112,7 +121,11 @@ def kept_cluster(n_workers: int) -> Iterator[str]:
 def run(
     mode: str, fn: Callable[[Any], Any], cells: dict[str, Any], kept: str
 ) -> tuple[float, float, str]:
-    """One way of computing ``cells``: (wall s, the cells' CPU s, the results as JSON)."""
+    """One way of computing ``cells``: (wall s, the cells' CPU s, the results as JSON).
+
+    Raises:
+        Exception: whatever a cell raises (``run_cells``).
+    """
     start = time.perf_counter()
     if mode == "direct":
         calls = {cid: call_cell(fn, cell) for cid, cell in cells.items()}
