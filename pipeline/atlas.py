@@ -12,8 +12,10 @@ run record once every cell is back. The functions a worker runs (``init_cell``,
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 
 from charlm.atlas import batched_model, derived, measure_init, summarise
 from charlm.config import ModelConfig, TrainConfig, VariantConfig
-from pipeline import outputs, records
+from pipeline import outputs, params, records
 from pipeline.cells import run_cells
 
 
@@ -177,8 +179,40 @@ def run_stage(
     return doc
 
 
-def parse_bool(text: str) -> bool:
-    """'true' / 'false' (any case) as DVC's matrix writes a YAML bool."""
-    if text.lower() not in ("true", "false"):
-        raise ValueError(f"expected true or false, got {text!r}")
-    return text.lower() == "true"
+def stage_main(
+    stage: str,
+    fn: Callable[[dict[str, Any]], dict[str, Any]],
+    cells: Callable[..., dict[str, dict[str, Any]]],
+    header: Callable[[dict[str, Any], int | None], dict[str, Any]],
+    *,
+    by_depth: bool,
+    description: str,
+) -> None:
+    """The command line every atlas cell stage shares: ``--params``, ``--data`` (the
+    split directory), ``--out``, ``--record`` and, for a matrix stage over a depth list
+    (``by_depth``), ``--depth``. Loads the stage's declared params
+    (``params.stage_keys(stage)``) and the split, builds ``cells(p, split, V, T[,
+    depth])`` and runs them through ``run_stage`` under ``header(p, depth)``.
+
+    Raises:
+        SystemExit: bad arguments (argparse), ``--depth`` below 1.
+        pipeline.params.ParamsError: the params file is invalid.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    if by_depth:
+        parser.add_argument("--depth", type=int, required=True, help="hidden layers L")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    records.add_record_argument(parser)
+    args = parser.parse_args()
+    depth = args.depth if by_depth else None
+    if depth is not None and depth < 1:
+        parser.error(f"--depth must be >= 1, got {depth}")
+    p = params.load(args.params, params.stage_keys(stage))
+    split, V, T = load_split(args.data)
+    built = cells(p, split, V, T, depth) if by_depth else cells(p, split, V, T)
+    run_stage(
+        fn, built, desc=stage if depth is None else f"{stage}@{depth}", out=args.out,
+        record=args.record, header=header(p, depth),
+    )  # fmt: skip

@@ -258,6 +258,19 @@ def certificates(tmp: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+def tls_setup(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """Throwaway certificates (``certificates``) as the ``dask scheduler`` / ``dask
+    worker`` TLS options, and the client side's Dask configuration for them."""
+    ca, cert, key = certificates(tmp)
+    options = ["--tls-ca-file", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
+    config = {
+        "distributed.comm.tls.ca-file": str(ca),
+        "distributed.comm.tls.client.cert": str(cert),
+        "distributed.comm.tls.client.key": str(key),
+    }
+    return options, config
+
+
 def running(p: psutil.Process) -> bool:
     """Alive and not a zombie (an exited orphan that this machine's init may never reap)."""
     try:

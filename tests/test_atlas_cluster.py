@@ -27,7 +27,7 @@ from pathlib import Path
 import dask
 import psutil
 import pytest
-from dask_support import Gate, certificates, cluster, free_port, running
+from dask_support import Gate, cluster, free_port, running, tls_setup
 from distributed import Client
 from ruamel.yaml import YAML
 from support import ROOT
@@ -213,18 +213,12 @@ def test_unreachable_scheduler_fails_fast_and_writes_nothing(work, tmp_path):
 def test_tls_cluster(work, embedded, tmp_path):
     """atlas_train via a tls:// scheduler (a throwaway CA; the stage's certificates from
     Dask's DASK_DISTRIBUTED__COMM__TLS__* variables): the embedded run's bytes."""
-    ca, cert, key = certificates(tmp_path)
-    tls = ["--tls-ca-file", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
-    env = {
-        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(ca),
-        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(cert),
-        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(key),
+    tls, config = tls_setup(tmp_path)
+    env = {  # the stage's client: Dask's environment variables for the same files
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": config["distributed.comm.tls.ca-file"],
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": config["distributed.comm.tls.client.cert"],
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": config["distributed.comm.tls.client.key"],
         "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
-    }
-    config = {  # this process's client, which waits for the workers
-        "distributed.comm.tls.ca-file": str(ca),
-        "distributed.comm.tls.client.cert": str(cert),
-        "distributed.comm.tls.client.key": str(key),
     }
     with dask.config.set(config), cluster(1, tls) as address:
         assert address.startswith("tls://127.0.0.1:")

@@ -23,12 +23,12 @@ import pytest
 import torch
 from dask_support import (
     WORKER_ENV,
-    certificates,
     cluster,
     failing_cell,
     free_port,
     running,
     task_states,
+    tls_setup,
     train_cell,
 )
 from distributed import Client
@@ -176,13 +176,7 @@ def test_tls_without_certificate_fails_fast(monkeypatch):
 @pytest.mark.slow
 def test_tls_cluster(tmp_path):
     """Cells over tls://, the client's certificates from Dask's configuration."""
-    ca, cert, key = certificates(tmp_path)
-    tls = ["--tls-ca-file", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
-    config = {
-        "distributed.comm.tls.ca-file": str(ca),
-        "distributed.comm.tls.client.cert": str(cert),
-        "distributed.comm.tls.client.key": str(key),
-    }
+    tls, config = tls_setup(tmp_path)
     with dask.config.set(config), cluster(1, tls) as address:
         results, rec = run_cells(train_cell, SMALL, desc="tls", scheduler=address)
     assert rec["scheduler"] == address and address.startswith("tls://")

@@ -12,11 +12,9 @@ Run: python -m pipeline.stages.atlas_he --data data/processed --out data/atlas/h
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any
 
-from pipeline import atlas, outputs, params, records
+from pipeline import atlas, outputs
 
 
 def cells(p: dict[str, Any], split: dict[str, Any], V: int, T: int) -> dict[str, dict[str, Any]]:
@@ -52,18 +50,14 @@ def cells(p: dict[str, Any], split: dict[str, Any], V: int, T: int) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    records.add_record_argument(parser)
-    args = parser.parse_args()
-    p = params.load(args.params, params.stage_keys("atlas_he"))
-    split, V, T = atlas.load_split(args.data)
-    atlas.run_stage(
-        atlas.train_cell, cells(p, split, V, T), desc="atlas_he", out=args.out,
-        record=args.record, header={"depth": p["atlas.he"].depth},
-    )  # fmt: skip
+    atlas.stage_main(
+        "atlas_he",
+        atlas.train_cell,
+        cells,
+        lambda p, depth: {"depth": p["atlas.he"].depth},
+        by_depth=False,
+        description=__doc__.splitlines()[0],
+    )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ Run: python -m pipeline.stages.atlas_train --depth 16 --data data/processed \
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any
 
-from pipeline import atlas, outputs, params, records
+from pipeline import atlas, outputs
 
 
 def cells(
@@ -51,21 +49,14 @@ def cells(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, required=True, help="hidden layers L")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    records.add_record_argument(parser)
-    args = parser.parse_args()
-    if args.depth < 1:
-        parser.error(f"--depth must be >= 1, got {args.depth}")
-    p = params.load(args.params, params.stage_keys("atlas_train"))
-    split, V, T = atlas.load_split(args.data)
-    atlas.run_stage(
-        atlas.train_cell, cells(p, split, V, T, args.depth), desc=f"atlas_train@{args.depth}",
-        out=args.out, record=args.record, header={"depth": args.depth},
-    )  # fmt: skip
+    atlas.stage_main(
+        "atlas_train",
+        atlas.train_cell,
+        cells,
+        lambda p, depth: {"depth": depth},
+        by_depth=True,
+        description=__doc__.splitlines()[0],
+    )
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ Run: python -m pipeline.stages.atlas_width --data data/processed \
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any
 
-from pipeline import atlas, outputs, params, records
+from pipeline import atlas, outputs
 
 
 def cells(p: dict[str, Any], split: dict[str, Any], V: int, T: int) -> dict[str, dict[str, Any]]:
@@ -54,19 +52,17 @@ def cells(p: dict[str, Any], split: dict[str, Any], V: int, T: int) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    records.add_record_argument(parser)
-    args = parser.parse_args()
-    p = params.load(args.params, params.stage_keys("atlas_width"))
-    sweep = p["atlas.width_sweep"]
-    split, V, T = atlas.load_split(args.data)
-    atlas.run_stage(
-        atlas.init_cell, cells(p, split, V, T), desc="atlas_width", out=args.out,
-        record=args.record, header={"depth": sweep.depth, "nonlinearity": sweep.nonlinearity},
-    )  # fmt: skip
+    atlas.stage_main(
+        "atlas_width",
+        atlas.init_cell,
+        cells,
+        lambda p, depth: {
+            "depth": p["atlas.width_sweep"].depth,
+            "nonlinearity": p["atlas.width_sweep"].nonlinearity,
+        },
+        by_depth=False,
+        description=__doc__.splitlines()[0],
+    )
 
 
 if __name__ == "__main__":
