@@ -125,6 +125,20 @@ def _kill_workers(cluster: Any) -> None:
 
 
 @contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Dask's loggers at ERROR while the embedded cluster is torn down: the scheduler
+    runs in this process and logs each killed worker's closed connection at INFO with a
+    traceback (``silence_logs`` covers only the cluster's start)."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def _no_restart_on_stop(cluster: Any) -> Iterator[None]:
     """While the embedded cluster runs, a stop signal first tells its Nannies not to
     restart their workers, then runs the Python handler installed before it.
@@ -234,12 +248,14 @@ def _client(address: str | None, timeout: float, n_workers: int | None) -> Itera
                 finally:
                     _close(client)
         except BaseException:
-            _kill_workers(cluster)
-            with _untracked_if_tracker_gone():
-                _close(cluster)
+            with _quiet():
+                _kill_workers(cluster)
+                with _untracked_if_tracker_gone():
+                    _close(cluster)
             raise
-        _kill_workers(cluster)
-        _close(cluster)
+        with _quiet():
+            _kill_workers(cluster)
+            _close(cluster)
     finally:
         _restore_environ(saved)
 
