@@ -8,10 +8,12 @@ results keyed by cell id, plus a run record saying where and how long they ran; 
 caller writes its outputs once, at the end (``pipeline.outputs.atomic_path``).
 
 Where the cells run is set by the environment variable CHARLM_SCHEDULER:
-- unset or empty: an embedded cluster, started and stopped by ``run_cells``: one worker
-  process per usable CPU (``charlm.cpus.available_cpus``), one thread each, scheduler and
-  workers on 127.0.0.1 only, no dashboard, throwaway TLS credentials (so other users of
-  the machine cannot send it code);
+- unset or empty: an embedded cluster, started and stopped by ``run_cells`` inside this
+  process: a scheduler and one worker thread per usable CPU
+  (``charlm.cpus.available_cpus``), talking over Dask's in-process transport
+  (``inproc://``). It opens no network port, so nobody else on the machine can send it
+  code, and it costs no process start: a stage runs as fast as calling its cells
+  directly (docs/cluster.md, "Speed");
 - ``tcp://host:8786`` or ``tls://host:8786``: the scheduler of a cluster started by hand
   or by a batch system (docs/cluster.md). TLS certificates come from Dask's own
   configuration (``distributed.comm.tls.*``, e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE).
@@ -26,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -36,17 +37,15 @@ from typing import Any
 SCHEDULER_ENV = "CHARLM_SCHEDULER"
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler before SchedulerUnreachable
 CLOSE_TIMEOUT = 3.0  # seconds the client and the embedded cluster get to shut down
-# The embedded workers' environment: Dask's default sets MALLOC_TRIM_THRESHOLD_, which
-# turns off glibc's adaptive mmap threshold, so every large torch tensor is a fresh mmap
-# and its pages fault in again: training cells ran 2.1x slower here. OMP_NUM_THREADS=1
-# and the other defaults stay. No HTTP routes (metrics, JSON state) either.
+# The embedded cluster: no HTTP routes (metrics, JSON state) on the scheduler's HTTP
+# server, which it opens even without a dashboard (on a free loopback port: see _client);
+# no statistical profiler, which would sample the cells' stacks 100 times a second in
+# this process (under the GIL) for a dashboard nobody can open.
 EMBEDDED_CONFIG = {
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     "distributed.scheduler.http.routes": [],
     "distributed.worker.http.routes": [],
+    "distributed.worker.profile.enabled": False,
 }
-# Signals after which a stage stops (pipeline.outputs.STOP_SIGNALS: Ctrl-C, kill, hangup).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TLS_HINT = (
     "distributed.comm.tls.ca-file, .client.cert and .client.key in Dask's configuration "
     "(DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._CLIENT__CERT, ..._CLIENT__KEY)"
@@ -69,39 +68,61 @@ class SchedulerUnreachable(ConnectionError, RuntimeError):
         self.address = address
 
 
+class _OneThread:
+    """torch on one intra-op thread while any cell of this process runs.
+
+    torch's thread count is per thread (OpenMP's and MKL's settings) plus a process-wide
+    default that threads starting later pick up. Each entering cell sets 1 in its own
+    thread; the last one to leave restores the count the first one found, so that cells
+    running side by side in one process (the embedded cluster's worker threads) never
+    see another's restore."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._saved = 1
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        import torch
+
+        with self._lock:
+            if self._running == 0:
+                self._saved = torch.get_num_threads()
+            self._running += 1
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0 and self._saved != 1:
+                    torch.set_num_threads(self._saved)
+
+
+_one_thread = _OneThread()
+
+
 def call_cell(fn: Callable[[Any], Any], cell: Any) -> tuple[Any, dict[str, Any]]:
     """Call ``fn(cell)`` with torch on one intra-op thread; the task every worker runs.
 
     Returns ``(result, where)``, ``where`` being {"worker": the Dask worker's address
     (None outside a worker), "seconds": fn's wall time, "cpu_seconds": its CPU time in
     this thread (below "seconds" when other load shares the cores)}. torch's thread count
-    is restored afterwards. Exceptions of ``fn`` propagate unchanged.
+    is restored once no cell of this process runs any more. Thread-safe. Exceptions of
+    ``fn`` propagate unchanged.
     """
-    import torch
     from distributed import get_worker
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    start, cpu = time.perf_counter(), time.thread_time()
-    try:
+    with _one_thread():
+        start, cpu = time.perf_counter(), time.thread_time()
         result = fn(cell)
-    finally:
-        if threads != 1:
-            torch.set_num_threads(threads)
+        seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
     try:
         worker = get_worker().address
     except ValueError:  # called directly, not in a Dask worker
         worker = None
-    seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
     return result, {"worker": worker, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3)}
-
-
-def _restore_environ(saved: dict[str, str]) -> None:
-    """Undo the Nanny's ``os.environ.update`` (OMP_NUM_THREADS=1, PYTHONHASHSEED, ...),
-    which would otherwise leak into this process and whatever it starts next."""
-    for name in set(os.environ) - set(saved):
-        del os.environ[name]
-    os.environ.update(saved)
 
 
 def _close(closable: Any) -> None:
@@ -110,103 +131,11 @@ def _close(closable: Any) -> None:
         closable.close(timeout=CLOSE_TIMEOUT)
 
 
-def _kill_workers(cluster: Any) -> None:
-    """SIGKILL the embedded worker processes (no restart). On the way out with an
-    exception: a running cell cannot be stopped politely, and a graceful close would wait
-    for it. After a run: every result is back and the workers hold nothing, while a
-    graceful close waits for each worker's interpreter teardown (1.2-1.8 s with torch
-    loaded, on a loaded machine past CLOSE_TIMEOUT: the close was then abandoned halfway
-    and a worker logged heartbeat errors). Their scratch directories are purged by the
-    next Dask cluster on the machine."""
-    for nanny in cluster.workers.values():
-        nanny.close_gracefully(reason="cells done")  # the Nanny restarts no worker
-        with contextlib.suppress(OSError, TypeError):  # gone already, or never started
-            os.kill(nanny.pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Dask's loggers at ERROR while the embedded cluster is torn down: the scheduler
-    runs in this process and logs each killed worker's closed connection at INFO with a
-    traceback (``silence_logs`` covers only the cluster's start)."""
-    logger = logging.getLogger("distributed")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _no_restart_on_stop(cluster: Any) -> Iterator[None]:
-    """While the embedded cluster runs, a stop signal first tells its Nannies not to
-    restart their workers, then runs the Python handler installed before it.
-
-    A stage's handler (``pipeline.outputs``) stops every child process at once; a Nanny
-    that saw its worker die would otherwise start a fresh one in the meantime (which the
-    closing cluster then cancels, logging errors, leaking its semaphores). Signals whose
-    handler is not a Python function (ignored, default) are left alone, and so is
-    everything outside the main thread, where no handler can be installed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: h for s in STOP_SIGNALS if callable(h := signal.getsignal(s))}
-
-    def handler(signum: int, frame: Any) -> None:
-        for nanny in list(cluster.workers.values()):
-            nanny.close_gracefully(reason="stop signal")  # a status: restart no worker
-        previous[signum](signum, frame)
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            if signal.getsignal(s) is handler:  # the stage's handler may have changed it
-                signal.signal(s, h)
-
-
-def _tracker_alive() -> bool:
-    """Whether a child of this process runs multiprocessing's resource tracker."""
-    import psutil  # comes with dask.distributed
-
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.Error):
-            if child.status() != psutil.STATUS_ZOMBIE and any(
-                "resource_tracker" in arg for arg in child.cmdline()
-            ):
-                return True
-    return False
-
-
-@contextlib.contextmanager
-def _untracked_if_tracker_gone() -> Iterator[None]:
-    """While closing the embedded cluster after a stop signal: if multiprocessing's
-    resource tracker is gone (a stage's signal handler, ``pipeline.outputs``, stops every
-    child of the stage, the tracker among them), each Nanny semaphore is still unlinked
-    but its ``resource_tracker.unregister`` is skipped. Otherwise multiprocessing would
-    relaunch a tracker that never saw those semaphores, and that one prints a KeyError
-    traceback for each (12 with 2 workers) after the stage's one-line message."""
-    from multiprocessing import resource_tracker
-
-    if _tracker_alive():
-        yield
-        return
-    unregister = resource_tracker.unregister
-    resource_tracker.unregister = lambda name, rtype: None  # looked up at each call
-    try:
-        yield
-    finally:
-        resource_tracker.unregister = unregister
-
-
 @contextlib.contextmanager
 def _client(address: str | None, timeout: float, n_workers: int | None) -> Iterator[Any]:
-    """A Client of the scheduler at ``address``, or of an embedded cluster of
-    ``n_workers`` workers (default ``available_cpus()``) when None; closed on the way
-    out, the embedded cluster too (its workers killed first: ``_kill_workers``)."""
+    """A Client of the scheduler at ``address``, or of an embedded in-process cluster of
+    ``n_workers`` worker threads (default ``available_cpus()``) when None; closed on the
+    way out, the embedded cluster too."""
     import dask
     from distributed import Client, LocalCluster, Security
 
@@ -224,40 +153,40 @@ def _client(address: str | None, timeout: float, n_workers: int | None) -> Itera
         finally:
             _close(client)
         return
-    saved = dict(os.environ)  # the Nanny sets OMP_NUM_THREADS, PYTHONHASHSEED, ... here
+    with dask.config.set(EMBEDDED_CONFIG):
+        cluster = LocalCluster(
+            n_workers=available_cpus() if n_workers is None else n_workers,
+            threads_per_worker=1,
+            processes=False,  # scheduler and workers in this process, over inproc://
+            dashboard_address=None,
+            # no dashboard, but the scheduler still opens an HTTP server (no routes):
+            # on a free loopback port, not 8787 (which another cluster on the machine
+            # may hold: Dask then warns "Port 8787 is already in use")
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+            silence_logs=logging.ERROR,
+        )
     try:
-        with dask.config.set(EMBEDDED_CONFIG):
-            cluster = LocalCluster(
-                n_workers=available_cpus() if n_workers is None else n_workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                # no dashboard, but the scheduler still opens an HTTP server (no routes):
-                # on a free loopback port, not 8787 (which another cluster on the machine
-                # may hold: Dask then warns "Port 8787 is already in use")
-                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                silence_logs=logging.ERROR,
-                security=True,
-            )
+        client = Client(cluster, timeout=timeout)
         try:
-            with _no_restart_on_stop(cluster):
-                client = Client(cluster, timeout=timeout)
-                try:
-                    yield client
-                finally:
-                    _close(client)
-        except BaseException:
-            with _quiet():
-                _kill_workers(cluster)
-                with _untracked_if_tracker_gone():
-                    _close(cluster)
-            raise
-        with _quiet():
-            _kill_workers(cluster)
-            _close(cluster)
+            yield client
+        finally:
+            _close(client)
+    except BaseException:
+        _abandon_running_cells(cluster)
+        raise
     finally:
-        _restore_environ(saved)
+        _close(cluster)
+
+
+def _abandon_running_cells(cluster: Any) -> None:
+    """Close the embedded workers without waiting for the cells still running in their
+    threads (after an exception or Ctrl-C: a thread cannot be stopped). Such a cell runs
+    on to its end, its result dropped; the worker threads are daemons, so it does not
+    keep the process alive. Dask's own close would wait for it, up to 30 s, and the
+    thread doing that wait would hold up the interpreter's exit."""
+    for worker in list(cluster.workers.values()):
+        with contextlib.suppress(Exception):  # closed already, or the loop is gone
+            cluster.sync(worker.close, timeout=CLOSE_TIMEOUT, executor_wait=False)
 
 
 def run_cells(
@@ -278,10 +207,10 @@ def run_cells(
         cells: cell id -> the cell's argument (picklable; it travels with the task).
         desc: what is being computed: the progress bar's label and the tasks' key prefix.
         scheduler: a scheduler address (``tcp://host:8786``, ``tls://...``); default
-            $CHARLM_SCHEDULER; unset or empty: an embedded cluster on 127.0.0.1.
+            $CHARLM_SCHEDULER; unset or empty: an embedded cluster in this process.
         connect_timeout: seconds to reach the scheduler.
         progress: show a tqdm bar of cells done on stderr.
-        n_workers: worker processes of the embedded cluster (one thread each); default
+        n_workers: worker threads of the embedded cluster (one cell at a time each); default
             ``charlm.cpus.available_cpus()``. Ignored with a scheduler address (its
             cluster has the workers it has).
 
@@ -297,10 +226,9 @@ def run_cells(
     losses per cell, then ``distributed.KilledWorker``). An exception raised by ``fn``
     is not retried (a pure cell would fail again): the other cells are cancelled and it
     propagates. So does KeyboardInterrupt, once the cells are cancelled and the client
-    and embedded cluster closed (a cell already running on a remote worker runs to its
-    end there; its result is dropped). While an embedded cluster runs, SIGINT, SIGTERM
-    and SIGHUP first stop its Nannies from restarting workers, then run the Python
-    handler installed before (a stage's, which stops every child process at once).
+    and embedded cluster closed. A cell already running runs to its end, its result
+    dropped: on a remote worker, or in a daemon thread of the embedded cluster, which
+    does not keep this process alive (a stage exits at once: ``pipeline.outputs``).
 
     Raises:
         SchedulerUnreachable: no scheduler answered at the address in time, or a

@@ -305,7 +305,7 @@ def cost(records: list[dict], cfg) -> str:
             continue
         rows.append({
             "stage": r["stage"], "cells": d["cells"], "workers": d["workers"],
-            "scheduler": "embedded (127.0.0.1)" if d["embedded"] else d["scheduler"],
+            "scheduler": "embedded (in-process)" if d["embedded"] else d["scheduler"],
             "wall s": r["seconds"], "cells' CPU s": sum(d["cell_cpu_seconds"].values()),
         })  # fmt: skip
         if r["stage"].startswith("atlas_train@"):

@@ -37,7 +37,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 SCHEDULER_ENV = "CHARLM_SCHEDULER"  # pipeline.cells.SCHEDULER_ENV (not imported: workers)
 # Workers import the repository and tests/dask_support.py; their Nanny keeps glibc's
-# adaptive mmap threshold (see pipeline.cells.EMBEDDED_CONFIG).
+# adaptive mmap threshold (docs/cluster.md, "What every worker needs").
 # (Dask lower-cases the names in DASK_* variables, so only a YAML file can drop the
 # upper-case MALLOC_TRIM_THRESHOLD_; docs/cluster.md gives it to worker sites too.)
 WORKER_ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}

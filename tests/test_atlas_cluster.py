@@ -121,7 +121,7 @@ def embedded(work: Work) -> dict[str, bytes]:
     for stage in STAGES:
         assert succeeded(run_stage(work, stage, out, None))
         rec = dask_record(out, stage)
-        assert rec["embedded"] and rec["scheduler"].startswith("tls://127.0.0.1:")
+        assert rec["embedded"] and rec["scheduler"].startswith("inproc://")
         assert rec["workers"] == available_cpus() == len(rec["worker_addresses"])
         outputs[stage] = (out / f"{stage}.json").read_bytes()
     return outputs
@@ -231,14 +231,13 @@ def test_tls_cluster(work, embedded, tmp_path):
 
 
 # Loaded by every Python process of a stage run with this directory first on PYTHONPATH:
-# in a worker process of the embedded cluster (multiprocessing's spawn: argv carries
-# --multiprocessing-fork), pipeline.atlas.train_cell first creates <CHARLM_CELLS_AT>/<pid>,
-# then trains as ever. A task unpickles its cell function by name, so it gets this one.
+# pipeline.atlas.train_cell first creates <CHARLM_CELLS_AT>/<pid>, then trains as ever.
+# The stage hands the cell function to Dask by name, so its worker threads run this one.
 ANNOUNCE_SITECUSTOMIZE = """
-import os, sys
+import os
 
 _at = os.environ.get("CHARLM_CELLS_AT")
-if _at and "--multiprocessing-fork" in sys.argv:
+if _at:
     from pipeline import atlas
 
     _train_cell = atlas.train_cell
@@ -269,7 +268,7 @@ def marked(mark: str) -> list[psutil.Process]:
 
 
 def test_ctrl_c_mid_run_stops_promptly(work, tmp_path):
-    """SIGINT to an embedded atlas_train once a worker process is inside a cell (of a
+    """SIGINT to an embedded atlas_train once a worker thread is inside a cell (of a
     million steps): exit 130 within 10 s with the stage's one message (no traceback, no
     error logged), no output file, no process of the run left."""
     long = write_params(tmp_path / "long.yaml", {"train": {"steps": 1_000_000}})
@@ -292,8 +291,7 @@ def test_ctrl_c_mid_run_stops_promptly(work, tmp_path):
             assert stage.poll() is None, f"ended early ({stage.returncode})"
             assert time.monotonic() < deadline, "no cell started within 120 s"
             time.sleep(0.05)
-        workers = {int(p.name) for p in cells_at.iterdir()}
-        assert workers <= {p.pid for p in marked(mark)}
+        assert {int(p.name) for p in cells_at.iterdir()} == {stage.pid}  # in-process
         sent = time.monotonic()
         os.kill(stage.pid, signal.SIGINT)
         rc = stage.wait(timeout=30)

@@ -89,15 +89,18 @@ def listeners() -> Iterator[set[str]]:
 def test_embedded_equals_cluster_equals_direct(tcp_cluster, monkeypatch):
     """The same cells give the same bytes embedded, via $CHARLM_SCHEDULER, and directly."""
     monkeypatch.delenv(cells_mod.SCHEDULER_ENV, raising=False)
-    environ = dict(os.environ)
+    environ, children = dict(os.environ), psutil.Process().children(recursive=True)
     with listeners() as ips:
-        embedded, rec = run_cells(train_cell, SMALL, desc="embedded")
-    assert ips == {"127.0.0.1"}  # embedded: this process and its workers; tcp_cluster too
-    assert dict(os.environ) == environ  # the Nanny's variables did not leak
+        embedded, rec = run_cells(train_cell, SMALL, desc="embedded", n_workers=2)
+    # in this process (no process started), over inproc://: at most the scheduler's
+    # HTTP server (no routes) listens, on loopback; tcp_cluster's workers do too
+    assert ips <= {"127.0.0.1"}
+    assert psutil.Process().children(recursive=True) == children
+    assert dict(os.environ) == environ
     assert list(embedded) == list(SMALL)
-    assert rec["embedded"] and rec["workers"] == rec["nthreads"] >= 1
-    assert rec["scheduler"].startswith("tls://127.0.0.1:")  # throwaway credentials
-    assert all(a.startswith("tls://127.0.0.1:") for a in rec["worker_addresses"])
+    assert rec["embedded"] and rec["workers"] == rec["nthreads"] == 2
+    assert rec["scheduler"].startswith("inproc://")
+    assert all(a.startswith("inproc://") for a in rec["worker_addresses"])
     assert set(rec["cell_workers"].values()) <= set(rec["worker_addresses"])
 
     monkeypatch.setenv(cells_mod.SCHEDULER_ENV, tcp_cluster)
@@ -109,10 +112,49 @@ def test_embedded_equals_cluster_equals_direct(tcp_cluster, monkeypatch):
     assert same_bytes(embedded, remote) and same_bytes(embedded, direct)
 
 
-def test_cell_error_propagates(tcp_cluster):
+def test_cells_side_by_side_keep_one_thread():
+    """Two cells in threads of one process (as on the embedded cluster's workers): the
+    first to end must not restore torch's thread count under the other, whose own
+    threads (a thread pool started inside the cell, say) start from the process-wide
+    count; once both ended, it is restored."""
+    before = torch.get_num_threads()
+    both_in, first_out = threading.Barrier(2, timeout=30), threading.Event()
+    seen: dict[str, int] = {}
+
+    def cell(name: str) -> None:
+        both_in.wait()
+        if name == "first":
+            return
+        assert first_out.wait(timeout=30)
+        seen[name] = torch.get_num_threads()
+        inner = threading.Thread(target=lambda: seen.update(inner=torch.get_num_threads()))
+        inner.start()
+        inner.join()
+
+    def run(name: str) -> None:
+        call_cell(cell, name)
+        if name == "first":
+            first_out.set()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert seen == {"second": 1, "inner": 1}
+    assert torch.get_num_threads() == before
+    later = threading.Thread(target=lambda: seen.update(later=torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen["later"] == before
+
+
+@pytest.mark.parametrize("where", ["embedded", "cluster"])
+def test_cell_error_propagates(where, request):
+    scheduler = "" if where == "embedded" else request.getfixturevalue("tcp_cluster")
     cells = {str(s): {"seed": s} for s in range(4)}
     with pytest.raises(ValueError, match="odd seed"):
-        run_cells(failing_cell, cells, desc="fail", scheduler=tcp_cluster, progress=False)
+        run_cells(failing_cell, cells, desc="fail", scheduler=scheduler, progress=False)
 
 
 @pytest.mark.slow
@@ -199,9 +241,9 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_ctrl_c_stops_promptly(tmp_path):
-    """SIGINT to run_cells while cells run: exit within 15 s with KeyboardInterrupt and
-    no worker left. Only the parent gets the signal (a terminal's Ctrl-C reaches the
-    workers too, which only helps): run_cells itself must stop the workers."""
+    """SIGINT to run_cells while cells of 120 s run on the embedded cluster: exit within
+    15 s with KeyboardInterrupt, the cells' worker threads (daemons) not waited for, and
+    no process started at any point (the cluster runs in the process)."""
     script, started = tmp_path / "child.py", tmp_path / "started"
     script.write_text(CHILD, encoding="utf-8")
     started.mkdir()
@@ -220,7 +262,7 @@ def test_ctrl_c_stops_promptly(tmp_path):
             assert time.monotonic() < deadline, "no cell started within 60 s"
             time.sleep(0.1)
         family = psutil.Process(child.pid).children(recursive=True)
-        assert family, "the embedded cluster started no worker process"
+        assert not family, f"the embedded cluster started processes: {family}"
         sent = time.monotonic()
         os.kill(child.pid, signal.SIGINT)
         _, err = child.communicate(timeout=15)
