@@ -18,8 +18,9 @@ stage, four ways, whole-call wall time:
   worker processes on 127.0.0.1 started once for all stages, as ``dask scheduler`` and
   ``dask worker`` started by hand on this machine would be: the speed-up of local
   worker processes (cells and results pickled between processes).
-(Importing dask.distributed, 0.45 s here, is not in the embedded figures: a stage pays
-it once, before its first cell; the benchmark process has it loaded already.)
+A stage also imports dask.distributed once, which the benchmark's process has done
+already: that import is timed in a fresh interpreter (torch loaded first, as in a stage)
+and added per stage to the embedded figures in the summary's last line.
 The runs of a stage follow one another (their order rotating from stage to stage),
 so that the machine's other load falls on all three alike; with ``--repeats`` > 1 the
 whole set runs again and each figure is the median. The cells' own CPU seconds
@@ -37,6 +38,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,6 +128,17 @@ def kept_cluster(n_workers: int) -> Iterator[str]:
             os.environ.update(saved)
 
 
+def import_seconds(repeats: int = 3) -> float:
+    """Median wall seconds of ``import distributed`` in a fresh interpreter that has
+    imported torch, as a stage has when it first calls run_cells."""
+    code = ("import time, torch, tqdm; t = time.perf_counter(); import distributed; "
+            "print(time.perf_counter() - t)")  # fmt: skip
+    args = [sys.executable, "-c", code]
+    out = [subprocess.run(args, capture_output=True, text=True, check=True) for _ in range(repeats)]
+    times = [float(o.stdout) for o in out]
+    return statistics.median(times)
+
+
 def run(
     mode: str, fn: Callable[[Any], Any], cells: dict[str, Any], kept: str
 ) -> tuple[float, float, str]:
@@ -199,6 +212,11 @@ def main() -> None:
           f"(a speed-up of {speedup:.2f}x)")  # fmt: skip
     print(f"{cpus} local worker processes vs direct: a speed-up of {speedup_processes:.2f}x "
           f"(their cluster's start, {kept_start:.1f} s, not counted)")  # fmt: skip
+    imports = import_seconds()
+    with_import = {m: total[m] + len(todo) * imports for m in modes if m.startswith("embedded_")}
+    print(f"with a stage's import of dask.distributed ({imports:.2f} s x {len(todo)} stages): "
+          + ", ".join(f"{m} {w / total['direct'] - 1:+.1%}" for m, w in with_import.items())
+          + " vs direct")  # fmt: skip
     print(f"load average before {load_before}, after {load_after}; "
           f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
     figures = {
@@ -206,7 +224,8 @@ def main() -> None:
         "wall_s": total, "cells_cpu_s": total_cpu, "overhead_1_worker": round(overhead, 4),
         "overhead_default": round(default, 4), "speedup": round(speedup, 3),
         "speedup_processes": round(speedup_processes, 3),
-        "process_cluster_start_s": round(kept_start, 2), "per_stage_wall_s": med,
+        "process_cluster_start_s": round(kept_start, 2),
+        "import_distributed_s": round(imports, 3), "per_stage_wall_s": med,
         "per_stage_cells_cpu_s": med_cpu,
         "load_before": load_before, "load_after": load_after,
     }  # fmt: skip

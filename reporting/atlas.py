@@ -327,8 +327,9 @@ def cost(records: list[dict], cfg) -> str:
             "included). The full trainability atlas of <code>make atlas-full</code> (depths "
             f"{f['depths']}, 5 nonlinearities x BatchNorm off/on, {f['gains']} gains, "
             f"{f['seeds']} seeds, {f['steps']:,} steps) would take about "
-            f"{total / 3600:,.0f} CPU-hours: {total / 3600 / 2:,.0f} hours on this 2-core "
-            "machine, or a few hours on a cluster (docs/cluster.md).</p>"
+            f"{total / 3600:,.0f} CPU-hours: at best {total / 3600 / 2:,.0f} hours on a "
+            "2-core machine with both cores busy (2 local worker processes came to 1.7x "
+            "here), or a few hours on a cluster (docs/cluster.md).</p>"
         )
     return html_
 

@@ -61,3 +61,32 @@ def test_bench_atlas_row_trains_the_same_models_three_ways(names_path: Path) -> 
         assert atlas[f"{m}_non_finite"] == 0, m
         assert atlas[f"{m}_final_loss_abs_diff_median"] <= 1e-4, m
     assert "budget: batched >= 6x the lecture's loop" in out.stdout
+
+
+def test_cells_bench_runs_the_atlas_cells_every_way(names_path: Path, tmp_path: Path) -> None:
+    """``make bench-cells`` on the tiny atlas: every stage's cells directly, embedded (1 and
+    2 worker threads) and on 2 local worker processes; the bench itself asserts that
+    every way gives the direct way's bytes, so different results fail the run."""
+    from ruamel.yaml import YAML
+    from support import TINY_ATLAS
+
+    from pipeline import params
+    from pipeline.stages.split import split
+
+    yaml = YAML()
+    doc = yaml.load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    doc["atlas"] = TINY_ATLAS
+    with (tmp_path / "params.yaml").open("w", encoding="utf-8") as f:
+        yaml.dump(doc, f)
+    cfg = params.load(ROOT / "params.yaml", ["split"])["split"]
+    split(names_path, tmp_path / "processed", **cfg.model_dump())
+    cmd = [sys.executable, "-m", "benchmarks.cells_bench", "--params",
+           str(tmp_path / "params.yaml"), "--data", str(tmp_path / "processed")]  # fmt: skip
+    out = run(cmd, ROOT, env={"NAMES_MIRROR": str(names_path)}, timeout=600)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    stages = ["atlas_init@2", "atlas_width", "atlas_train@2", "atlas_he"]
+    assert list(figures["per_stage_wall_s"]) == stages and figures["stages"] == 4
+    assert figures["cells"] == 4 + 2 + 2 + 2  # (tanh, relu) x BN; 2 widths; BN; He's 2 gains
+    modes = {"direct", "embedded_1", f"embedded_{figures['cpus']}", f"processes_{figures['cpus']}"}
+    assert set(figures["wall_s"]) == modes and all(w > 0 for w in figures["wall_s"].values())
+    assert 0 < figures["import_distributed_s"] < 30
