@@ -11,9 +11,11 @@ Where the cells run is set by the environment variable CHARLM_SCHEDULER:
 - unset or empty: an embedded cluster, started and stopped by ``run_cells`` inside this
   process: a scheduler and one worker thread per usable CPU
   (``charlm.cpus.available_cpus``), talking over Dask's in-process transport
-  (``inproc://``). It opens no network port, so nobody else on the machine can send it
-  code, and it costs no process start: a stage runs as fast as calling its cells
-  directly (docs/cluster.md, "Speed");
+  (``inproc://``). It opens no port for Dask's protocol, so nobody else on the machine
+  can send it code (the HTTP servers Dask starts anyway, the scheduler's and each
+  worker's, have no routes and listen on a free port of 127.0.0.1), and it costs no
+  process start: a stage runs as fast as calling its cells directly (docs/cluster.md,
+  "Speed");
 - ``tcp://host:8786`` or ``tls://host:8786``: the scheduler of a cluster started by hand
   or by a batch system (docs/cluster.md). TLS certificates come from Dask's own
   configuration (``distributed.comm.tls.*``, e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE).
@@ -71,11 +73,12 @@ class SchedulerUnreachable(ConnectionError, RuntimeError):
 class _OneThread:
     """torch on one intra-op thread while any cell of this process runs.
 
-    torch's thread count is per thread (OpenMP's and MKL's settings) plus a process-wide
-    default that threads starting later pick up. Each entering cell sets 1 in its own
-    thread; the last one to leave restores the count the first one found, so that cells
-    running side by side in one process (the embedded cluster's worker threads) never
-    see another's restore."""
+    ``torch.set_num_threads`` is partly per thread (OpenMP's setting) and partly
+    process-wide (MKL's, and the count that threads started later pick up). Each
+    entering cell sets 1 in its own thread; the last one to leave restores the count the
+    first one found, so that cells running side by side in one process (the embedded
+    cluster's worker threads) never see another's restore. A cell abandoned after an
+    interruption (``_abandon_running_cells``) holds the count at 1 until it ends."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -159,11 +162,18 @@ def _client(address: str | None, timeout: float, n_workers: int | None) -> Itera
             threads_per_worker=1,
             processes=False,  # scheduler and workers in this process, over inproc://
             dashboard_address=None,
-            # no dashboard, but the scheduler still opens an HTTP server (no routes):
-            # on a free loopback port, not 8787 (which another cluster on the machine
-            # may hold: Dask then warns "Port 8787 is already in use")
+            # no dashboard, but the scheduler and each worker still open an HTTP server
+            # (no routes): on a free loopback port (the workers' default is every
+            # interface; the scheduler's 8787, which another cluster may hold)
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-            silence_logs=logging.ERROR,
+            worker_dashboard_address="127.0.0.1:0",
+            # no memory limit: each worker would compare the whole process's memory
+            # with its share of the RAM (RAM / workers) and pause above 80% of it, and
+            # the stage would stop making progress without a word
+            memory_limit=0,
+            # not even a failed cell's "Compute Failed" and traceback: its exception
+            # reaches the caller, with the cell's id in a note
+            silence_logs=logging.CRITICAL,
         )
     try:
         client = Client(cluster, timeout=timeout)
@@ -261,7 +271,11 @@ def run_cells(
         try:
             with tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress) as bar:
                 for future in as_completed(futures):
-                    done[futures[future]] = future.result()  # re-gathers a lost result
+                    try:
+                        done[futures[future]] = future.result()  # re-gathers a lost result
+                    except Exception as e:  # the cell's own error (Dask logs none here)
+                        e.add_note(f"raised by cell {futures[future]!r} of {desc}")
+                        raise
                     future.release()  # free the worker's copy
                     bar.update()
         except BaseException:

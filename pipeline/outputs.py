@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,6 +201,12 @@ def run(main: Callable[[], None]) -> None:
     temporary outputs are removed by ``atomic_path`` on the way out, child processes
     are stopped, and the exit status is 128 + the signal number (130 for Ctrl-C, 143
     for SIGTERM). A SIGINT that the parent chose to ignore stays ignored.
+
+    Every failure exits through ``os._exit`` (``_exit_now``), without the interpreter's
+    teardown: a Dask cell still running in a daemon thread of the embedded cluster
+    (``pipeline.cells``) when another cell failed would otherwise be inside torch's C++
+    code as the interpreter finalizes, and the process would abort (SIGABRT, "terminate
+    called without an active exception", exit status 134) instead of exiting 1.
     """
     warnings.showwarning = _show_warning
     for s in STOP_SIGNALS:
@@ -218,6 +225,10 @@ def run(main: Callable[[], None]) -> None:
         _exit_now(128 + signum)
     except (ValueError, OSError) as e:
         if os.environ.get("CHARLM_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+            traceback.print_exc()
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        _exit_now(1)
+    except Exception:  # a bug: its traceback, and the exit status Python would give
+        traceback.print_exc()
+        _exit_now(1)

@@ -277,3 +277,10 @@ def running(p: psutil.Process) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def listening_cell(cell: Any) -> list[str]:
+    """The IPs on which the process running this cell listens for TCP, while it runs
+    (on the embedded cluster: the stage's own process, the cluster's servers included)."""
+    conns = psutil.Process().net_connections(kind="inet")
+    return sorted({c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN})

@@ -231,19 +231,30 @@ def test_tls_cluster(work, embedded, tmp_path):
 
 
 # Loaded by every Python process of a stage run with this directory first on PYTHONPATH:
-# pipeline.atlas.train_cell first creates <CHARLM_CELLS_AT>/<pid>, then trains as ever.
-# The stage hands the cell function to Dask by name, so its worker threads run this one.
+# pipeline.atlas.train_cell first creates <CHARLM_CELLS_AT>/<pid>, then trains as ever;
+# with CHARLM_FAIL_FIRST set, the first cell to start instead raises ValueError once the
+# second has started (or after 10 s). The stage hands the cell function to Dask by name,
+# so its worker threads run this one.
 ANNOUNCE_SITECUSTOMIZE = """
-import os
+import os, threading
 
 _at = os.environ.get("CHARLM_CELLS_AT")
 if _at:
     from pipeline import atlas
 
     _train_cell = atlas.train_cell
+    _lock, _started, _second = threading.Lock(), [0], threading.Event()
 
     def _announced(cell):
         open(os.path.join(_at, str(os.getpid())), "w").close()
+        with _lock:
+            _started[0] += 1
+            first = _started[0] == 1
+        if not first:
+            _second.set()
+        elif os.environ.get("CHARLM_FAIL_FIRST"):
+            _second.wait(timeout=10)
+            raise ValueError("injected failure of the first cell")
         return _train_cell(cell)
 
     atlas.train_cell = _announced
@@ -314,3 +325,23 @@ def test_ctrl_c_mid_run_stops_promptly(work, tmp_path):
         for p in marked(mark):  # started by this test (its environment says so)
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def test_a_failing_cell_ends_the_stage_cleanly(work, tmp_path):
+    """One cell raises while the other worker thread is inside a cell of a million steps:
+    the stage exits 1 with its one 'error:' line, not SIGABRT (134) from the interpreter's
+    teardown under a thread in torch's C++ code, nor a hang; and writes nothing."""
+    long = write_params(tmp_path / "long.yaml", {"train": {"steps": 1_000_000}})
+    site, cells_at, out = tmp_path / "site", tmp_path / "cells", tmp_path / "out"
+    site.mkdir()
+    cells_at.mkdir()
+    (site / "sitecustomize.py").write_text(ANNOUNCE_SITECUSTOMIZE, encoding="utf-8")
+    env = environ(None, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]),
+                  CHARLM_CELLS_AT=str(cells_at), CHARLM_FAIL_FIRST="1")  # fmt: skip
+    proc = subprocess.run(command(work, "atlas_train", out, long), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=STAGE_TIMEOUT)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "error: injected failure of the first cell" in output, output
+    assert "terminate called" not in output and "Traceback" not in output, output
+    assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == []

@@ -26,6 +26,7 @@ from dask_support import (
     cluster,
     failing_cell,
     free_port,
+    listening_cell,
     running,
     task_states,
     tls_setup,
@@ -92,9 +93,12 @@ def test_embedded_equals_cluster_equals_direct(tcp_cluster, monkeypatch):
     environ, children = dict(os.environ), psutil.Process().children(recursive=True)
     with listeners() as ips:
         embedded, rec = run_cells(train_cell, SMALL, desc="embedded", n_workers=2)
-    # in this process (no process started), over inproc://: at most the scheduler's
-    # HTTP server (no routes) listens, on loopback; tcp_cluster's workers do too
-    assert ips <= {"127.0.0.1"}
+    assert ips <= {"127.0.0.1"}  # tcp_cluster's processes; nothing of this process yet
+    # in this process (no process started), over inproc://: while a cell runs, the only
+    # listening sockets are the scheduler's and workers' HTTP servers (no routes), on
+    # loopback (by default, the workers' listen on every interface)
+    inside, _ = run_cells(listening_cell, {"a": None}, desc="listen", n_workers=2)
+    assert inside["a"] == ["127.0.0.1"]
     assert psutil.Process().children(recursive=True) == children
     assert dict(os.environ) == environ
     assert list(embedded) == list(SMALL)
@@ -153,8 +157,9 @@ def test_cells_side_by_side_keep_one_thread():
 def test_cell_error_propagates(where, request):
     scheduler = "" if where == "embedded" else request.getfixturevalue("tcp_cluster")
     cells = {str(s): {"seed": s} for s in range(4)}
-    with pytest.raises(ValueError, match="odd seed"):
+    with pytest.raises(ValueError, match="odd seed") as info:
         run_cells(failing_cell, cells, desc="fail", scheduler=scheduler, progress=False)
+    assert re.fullmatch(r"raised by cell '[13]' of fail", info.value.__notes__[-1])
 
 
 @pytest.mark.slow
