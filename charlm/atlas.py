@@ -13,7 +13,6 @@ Hidden layers are numbered 1..L, input side first; arrays are (L, S). No file I/
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -208,9 +207,16 @@ def summarise(values: np.ndarray, axis: int = -1) -> dict[str, np.ndarray]:
     Quantiles by the 'nearest' rule (an observed value, never an interpolation), so an
     inf among the seeds stays inf instead of turning into NaN (inf - inf), and with 10
     seeds the band is the 2nd smallest to the 2nd largest (median: the 5th or 6th).
+    An all-NaN slice gives NaN. Safe in worker threads: it leaves the process-wide
+    ``warnings`` filters alone (``warnings.catch_warnings`` swaps them for the whole
+    process, so two cells summarising at once could leave one's copy installed);
+    NumPy's floating-point error state is per thread.
     """
     v = np.asarray(values, dtype=np.float64)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN slice stays NaN
+    all_nan = np.isnan(v).all(axis=axis)
+    # nanquantile warns on an all-NaN slice: give it zeros there, then put the NaN back
+    v = np.where(np.expand_dims(all_nan, axis), 0.0, v)
+    with np.errstate(all="ignore"):
         q = np.nanquantile(v, [0.5, 0.1, 0.9], axis=axis, method="nearest")
+    q = np.where(all_nan, np.nan, q)
     return {"median": q[0], "q10": q[1], "q90": q[2]}

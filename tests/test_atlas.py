@@ -120,6 +120,33 @@ def test_summarise_keeps_inf() -> None:
     assert s["median"][0] == 3.0 and s["q90"][0] == np.inf and s["q10"][0] == 1.0
 
 
+def test_summarise_leaves_the_warnings_filters_alone(monkeypatch) -> None:
+    """Cells summarise on the embedded cluster's worker threads: while ``summarise``
+    runs, the process-wide ``warnings.filters`` must stay the very list every thread
+    sees (``warnings.catch_warnings`` swaps in a copy for the whole process, and two
+    threads' swaps can leave the wrong one installed). An all-NaN slice still gives NaN,
+    silently, even with warnings turned into errors."""
+    import warnings
+
+    seen = []
+    quantile = np.nanquantile
+
+    def watching(*args, **kwargs):
+        seen.append(warnings.filters)
+        return quantile(*args, **kwargs)
+
+    monkeypatch.setattr(np, "nanquantile", watching)
+    before = warnings.filters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inside = warnings.filters
+        s = summarise(np.array([[np.nan, np.nan], [1.0, np.nan], [2.0, 4.0]]))
+    assert seen and all(f is inside for f in seen)
+    assert warnings.filters is before
+    assert np.isnan(s["median"][0]) and np.isnan(s["q10"][0]) and np.isnan(s["q90"][0])
+    assert s["median"][1] == 1.0 and s["q10"][2] == 2.0 and s["q90"][2] == 4.0
+
+
 @pytest.mark.parametrize(("nl", "gain"), [("relu", 1.0), ("relu", 2.0), ("linear", 0.8)])
 def test_theory_against_a_wide_net(nl: str, gain: float) -> None:
     """Width 512, 8 layers, 4 seeds: the measured pre-activation std per layer against
