@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -330,6 +330,13 @@ def _distinct(v: list) -> list:
     return v
 
 
+# list entries of the atlas's grids: a depth or width is a count of layers or units, a
+# gain scales a std (a gain <= 0 would flip or zero every weight)
+Depth = Annotated[int, Field(ge=1)]
+Width = Annotated[int, Field(ge=1)]
+Gain = Annotated[float, Field(gt=0.0)]
+
+
 class AtlasWidthConfig(_Strict):
     """The atlas's width sweep: signal propagation at init for one depth and
     nonlinearity, without BatchNorm, over ``widths`` (finite-width corrections to the
@@ -338,8 +345,8 @@ class AtlasWidthConfig(_Strict):
 
     depth: int = Field(8, ge=1)
     nonlinearity: Nonlinearity = "tanh"
-    widths: list[int] = Field(default_factory=lambda: [25, 100, 400, 1600], min_length=1)
-    gain_factors: list[float] = Field(default_factory=lambda: [0.6, 1.0], min_length=1)
+    widths: list[Width] = Field(default_factory=lambda: [25, 100, 400, 1600], min_length=1)
+    gain_factors: list[Gain] = Field(default_factory=lambda: [0.6, 1.0], min_length=1)
 
     @field_validator("widths")
     @classmethod
@@ -353,11 +360,13 @@ class AtlasTrainConfig(_Strict):
     diverged (``charlm.trainability``). Constant ``lr``, no decay; the engine's fast
     kernels. Gains: ``gain_factors`` x ``calculate_gain`` plus atlas.extra_gains."""
 
-    depths: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
-    nonlinearities: list[Nonlinearity] = Field(default_factory=lambda: ["tanh", "relu"])
+    depths: list[Depth] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    nonlinearities: list[Nonlinearity] = Field(
+        default_factory=lambda: ["tanh", "relu"], min_length=1
+    )
     batchnorm: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
     width: int = Field(100, ge=1)
-    gain_factors: list[float] = Field(
+    gain_factors: list[Gain] = Field(
         default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0], min_length=1
     )
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
@@ -379,7 +388,7 @@ class AtlasHeConfig(_Strict):
 
     depth: int = Field(30, ge=1)
     width: int = Field(100, ge=1)
-    gains: list[float] = Field(default_factory=lambda: [1.0, 2.0**0.5], min_length=1)
+    gains: list[Gain] = Field(default_factory=lambda: [1.0, 2.0**0.5], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -405,12 +414,12 @@ class AtlasConfig(_Strict):
     biases, the output layer x 0.1), the theory's assumptions for hidden layers.
     """
 
-    depths: list[int] = Field(default_factory=lambda: [1, 4, 16, 64], min_length=1)
+    depths: list[Depth] = Field(default_factory=lambda: [1, 4, 16, 64], min_length=1)
     nonlinearities: list[Nonlinearity] = Field(
         default_factory=lambda: ["tanh", "relu", "linear", "sigmoid", "gelu"], min_length=1
     )
     batchnorm: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
-    widths: list[int] = Field(default_factory=lambda: [100], min_length=1)
+    widths: list[Width] = Field(default_factory=lambda: [100], min_length=1)
     gain_factors: list[float] = Field(
         default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], min_length=1
     )

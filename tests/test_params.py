@@ -261,6 +261,23 @@ ERRORS = [
      r"key 'data\.sha256' = '0a30b5': sha256 must be 64 hexadecimal digits"),
     ("train.record_every", "record_every: 0",
      r"key 'train\.record_every' = 0: Input should be greater than or equal to 1"),
+    # the atlas's grids: each entry in range, before any stage starts
+    ("atlas.depths", "depths: [0, 4]",
+     r"key 'atlas\.depths\.0' = 0: Input should be greater than or equal to 1"),
+    ("atlas.widths", "widths: [100, 0]",
+     r"key 'atlas\.widths\.1' = 0: Input should be greater than or equal to 1"),
+    ("atlas.depths", "depths: [2, 2]",
+     r"key 'atlas\.depths' = \[2, 2\]: entries must be distinct"),
+    ("atlas.train.depths", "depths: [1, -4]",
+     r"key 'atlas\.train\.depths\.1' = -4: Input should be greater than or equal to 1"),
+    ("atlas.train.nonlinearities", "nonlinearities: []",
+     r"key 'atlas\.train\.nonlinearities' = \[\]: List should have at least 1 item"),
+    ("atlas.train.gain_factors", "gain_factors: [1.0, 0]",
+     r"key 'atlas\.train\.gain_factors\.1' = 0: Input should be greater than 0"),
+    ("atlas.he.gains", "gains: [-1.0]",
+     r"key 'atlas\.he\.gains\.0' = -1\.0: Input should be greater than 0"),
+    ("atlas.width_sweep.widths", "widths: [25, 0]",
+     r"key 'atlas\.width_sweep\.widths\.1' = 0: Input should be greater than or equal to 1"),
 ]  # fmt: skip
 
 
