@@ -70,6 +70,84 @@ class SchedulerUnreachable(ConnectionError, RuntimeError):
         self.address = address
 
 
+class ClusterCannotLoadCells(OSError):
+    """The scheduler or a worker of the cluster at ``address`` cannot unpickle the cells'
+    function: this repository (at this revision) is not importable there. Dask's
+    scheduler unpickles every task too, so it needs the code as much as the workers do.
+
+    An OSError (the cluster's environment, not the cell, is at fault), so that a stage
+    stops with one ``error:`` line naming the processes and what to fix, instead of a
+    traceback blaming the first cell."""
+
+    def __init__(self, address: str, who: str, error: BaseException | str):
+        super().__init__(
+            f"the Dask {who} cannot load the cells' code ({error}): start the "
+            "scheduler and every worker from this repository's revision with its root on "
+            "PYTHONPATH and the packages of requirements.txt (docs/cluster.md, 'What every "
+            "worker needs')"
+        )
+        self.address = address
+
+
+def check_address(address: str, source: str = SCHEDULER_ENV) -> str:
+    """``address`` if it is a scheduler address this module accepts:
+    ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (an IPv6 host in brackets).
+
+    Raises:
+        ValueError: anything else, naming ``source`` (the variable or argument it came
+            from) and the value: without this check Dask's own parse errors ("missing
+            port number", "not enough values to unpack") name neither.
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address)
+        port = parts.port  # ValueError when not an integer in 0..65535
+    except ValueError:
+        parts, port = None, None
+    if (
+        parts is None
+        or parts.scheme not in ("tcp", "tls")
+        or not parts.hostname
+        or port is None
+        or port == 0
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        raise ValueError(
+            f"{source}={address!r} is not a Dask scheduler address: expected tcp://HOST:PORT "
+            f"or tls://HOST:PORT (e.g. tcp://10.0.0.5:8786), or unset {SCHEDULER_ENV} to run "
+            "the cells on this machine"
+        )
+    return address
+
+
+def _loadable(fn: Callable[[Any], Any]) -> bool:
+    """Runs on the scheduler and on every worker: getting here means ``fn`` (the cells'
+    function, pickled by reference) and this module were unpickled there."""
+    return True
+
+
+def _check_code(client: Any, address: str, fn: Callable[[Any], Any]) -> None:
+    """Raise ClusterCannotLoadCells if the scheduler or a connected worker cannot
+    unpickle ``fn``. Without this, a scheduler without the code fails every cell with
+    "Error during deserialization of the task graph", and a worker without it dies on
+    its first task and is restarted by its Nanny, again and again, while the stage waits
+    without a word. Workers that join later are not checked."""
+    try:
+        client.run_on_scheduler(_loadable, fn)
+    except Exception as e:
+        raise ClusterCannotLoadCells(address, f"scheduler at {address}", repr(e)) from e
+    replies = client.run(_loadable, fn, on_error="return")
+    bad = {w: r for w, r in replies.items() if isinstance(r, BaseException)}
+    if bad:
+        worker, error = sorted(bad.items())[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ClusterCannotLoadCells(address, f"worker {worker}{more} of {address}", error)
+
+
 class _OneThread:
     """torch on one intra-op thread while any cell of this process runs.
 
@@ -243,8 +321,10 @@ def run_cells(
     Raises:
         SchedulerUnreachable: no scheduler answered at the address in time, or a
             tls:// address without a client certificate configured.
+        ClusterCannotLoadCells: the scheduler or a worker connected at the start cannot
+            import ``fn`` (checked before any cell is submitted).
         TypeError: a cell id is not a str.
-        ValueError: ``n_workers`` < 1.
+        ValueError: ``n_workers`` < 1; the address is not tcp:// or tls:// HOST:PORT.
         Exception: the first exception raised by ``fn`` for any cell.
     """
     import dask
@@ -256,11 +336,14 @@ def run_cells(
         raise TypeError("cell ids must be str")
     if n_workers is not None and n_workers < 1:
         raise ValueError(f"n_workers must be >= 1, got {n_workers}")
+    source = "scheduler"
     if scheduler is None:
-        scheduler = os.environ.get(SCHEDULER_ENV, "")
-    address = scheduler.strip() or None
+        scheduler, source = os.environ.get(SCHEDULER_ENV, ""), SCHEDULER_ENV
+    address = check_address(scheduler.strip(), source) if scheduler.strip() else None
     start = time.perf_counter()
     with _client(address, connect_timeout, n_workers) as client:
+        if address is not None:
+            _check_code(client, address, fn)
         if not client.scheduler_info()["workers"]:
             print(f"{desc}: no Dask worker yet at {address}; waiting for one", file=sys.stderr)
         futures = {

@@ -175,9 +175,16 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 @contextlib.contextmanager
-def cluster(workers: int, tls: list[str] | None = None) -> Iterator[str]:
+def cluster(
+    workers: int, tls: list[str] | None = None, without_code: str | None = None
+) -> Iterator[str]:
     """A scheduler and ``workers`` single-threaded workers on 127.0.0.1; yields the
-    address once every worker has registered; stops them all by pid afterwards."""
+    address once every worker has registered; stops them all by pid afterwards.
+
+    ``without_code`` ("scheduler" or "workers"): start those processes in an empty
+    directory without PYTHONPATH, so that they cannot import this repository."""
+    if without_code not in (None, "scheduler", "workers"):
+        raise ValueError(f"without_code: 'scheduler', 'workers' or None, got {without_code!r}")
     port = free_port()
     proto = "tls" if tls else "tcp"
     address = f"{proto}://127.0.0.1:{port}"
@@ -185,6 +192,11 @@ def cluster(workers: int, tls: list[str] | None = None) -> Iterator[str]:
     (config / "cells.yaml").write_text(WORKER_YAML, encoding="utf-8")
     env = {**os.environ, **WORKER_ENV, "DASK_CONFIG": str(config)}
     env.pop(SCHEDULER_ENV, None)
+    bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    setting = {  # role -> (environment, working directory)
+        role: (bare, str(config)) if role == without_code else (env, None)
+        for role in ("scheduler", "workers")
+    }
     # --no-dashboard still leaves an HTTP server (health, metrics) on every interface: bind
     # it to loopback too
     common = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0", *(tls or [])]
@@ -201,14 +213,16 @@ def cluster(workers: int, tls: list[str] | None = None) -> Iterator[str]:
                 proto,
                 *common,
             ],
-            env=env,
+            env=setting["scheduler"][0],
+            cwd=setting["scheduler"][1],
         )
     ]
     try:
         procs += [
             subprocess.Popen(
                 [*DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", *common],
-                env=env,
+                env=setting["workers"][0],
+                cwd=setting["workers"][1],
             )
             for _ in range(workers)
         ]

@@ -35,7 +35,12 @@ from dask_support import (
 from distributed import Client
 
 from pipeline import cells as cells_mod
-from pipeline.cells import SchedulerUnreachable, call_cell, run_cells
+from pipeline.cells import (
+    ClusterCannotLoadCells,
+    SchedulerUnreachable,
+    call_cell,
+    run_cells,
+)
 
 SMALL = {
     f"g{g}-s{s}": {"seed": s, "gain": g, "size": 48, "steps": 10} for g in (1, 2) for s in (0, 1, 2)
@@ -204,6 +209,48 @@ def test_unreachable_scheduler_fails_fast():
     assert time.monotonic() - start < 10
     assert isinstance(info.value, RuntimeError) and info.value.address == address
     assert isinstance(info.value, ConnectionError)  # a stage prints one 'error:' line
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["nonsense", "http://127.0.0.1:8786", "tcp://127.0.0.1", "tcp://127.0.0.1:port",
+     "tcp://127.0.0.1:8786/", "inproc://127.0.0.1/1/1", "ucx://127.0.0.1:8786", "tcp://:8786"],
+)  # fmt: skip
+def test_a_malformed_scheduler_variable_is_named(value, monkeypatch):
+    """A CHARLM_SCHEDULER that is not tcp:// or tls:// HOST:PORT: a ValueError (a stage's
+    one 'error:' line) naming the variable and its value, before any connection."""
+    monkeypatch.setenv("CHARLM_SCHEDULER", value)
+    with pytest.raises(ValueError, match=re.escape(f"CHARLM_SCHEDULER={value!r}")):
+        run_cells(train_cell, SMALL, desc="x", connect_timeout=1)
+
+
+@pytest.mark.parametrize("value", ["tcp://127.0.0.1:8786", "tls://[::1]:8786", "tcp://a.b:1"])
+def test_well_formed_scheduler_addresses_pass(value):
+    assert cells_mod.check_address(value) == value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", ["scheduler", "workers"])
+def test_a_cluster_without_the_code_is_named_before_any_cell(role):
+    """A scheduler or workers that cannot import this repository: one clear error naming
+    the process and PYTHONPATH, before any cell is submitted. (Without the check, such a
+    scheduler failed every cell with 'Error during deserialization of the task graph',
+    blamed on the first cell; such workers died on every task and were restarted while
+    the stage waited without a word.)"""
+    with cluster(1, without_code=role) as address:
+        start = time.monotonic()
+        with pytest.raises(ClusterCannotLoadCells) as info:
+            run_cells(train_cell, SMALL, desc="x", scheduler=address, progress=False)
+        assert time.monotonic() - start < 30
+        who = "scheduler at " if role == "scheduler" else "worker tcp://127.0.0.1:"
+        message = str(info.value)
+        assert f"the Dask {who}" in message and address in message, message
+        assert "No module named" in message and "PYTHONPATH" in message, message
+        assert isinstance(info.value, OSError)  # a stage prints one 'error:' line
+        with Client(address, timeout=10) as client:
+            # nothing was submitted (a lambda travels by value: this scheduler may lack
+            # the tests' module too)
+            assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
 
 
 def test_n_workers_must_be_positive():
