@@ -91,7 +91,8 @@ def render(
          + "</ul>" + page.table(rows, cols)),
         ("width", "Finite width", page.table(wrows, ["width", "gain", "measured", "predicted",
                                                      "rel_err"])),
-        ("he", "He et al. 2015's 30-layer relu net", f"<p>{he_sentence}</p>{he_fig}"),
+        ("he", f"He et al. 2015's analogue: a {cfg.he.depth}-layer relu net",
+         f"<p>{he_sentence}</p>{he_fig}"),
         ("cost", "Where the cells ran, and what the full atlas costs", page.cost(records, cfg)),
     ]  # fmt: skip
     intro = (
