@@ -39,6 +39,7 @@ from typing import Any
 SCHEDULER_ENV = "CHARLM_SCHEDULER"
 CONNECT_TIMEOUT = 10.0  # seconds to reach a scheduler before SchedulerUnreachable
 CLOSE_TIMEOUT = 3.0  # seconds the client and the embedded cluster get to shut down
+WATCH_SECONDS = 5.0  # how often a run on a cluster looks whether any worker is left
 # The embedded cluster: no HTTP routes (metrics, JSON state) on the scheduler's HTTP
 # server, which it opens even without a dashboard (on a free loopback port: see _client);
 # no statistical profiler, which would sample the cells' stacks 100 times a second in
@@ -146,6 +147,43 @@ def _check_code(client: Any, address: str, fn: Callable[[Any], Any]) -> None:
         worker, error = sorted(bad.items())[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ClusterCannotLoadCells(address, f"worker {worker}{more} of {address}", error)
+
+
+@contextlib.contextmanager
+def _watch_workers(
+    client: Any, address: str, desc: str, alone: bool, every: float = WATCH_SECONDS
+) -> Iterator[None]:
+    """While the block runs, say on stderr when the cluster at ``address`` has no worker
+    left and when workers are back. Dask's scheduler keeps the cells of a cluster without
+    workers and waits for one (a batch job's walltime ended, say): without a word the
+    stage looks hung. ``alone``: no worker at the start (already said by the caller)."""
+    from tqdm import tqdm
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal alone
+        while not stop.wait(every):
+            try:
+                n = client.scheduler_info(n_workers=0)["n_workers"]
+            except Exception:  # the client is closing, or the scheduler went away
+                return
+            if n == 0 and not alone:
+                tqdm.write(
+                    f"{desc}: no Dask worker left at {address}; the cells wait for one "
+                    "(start workers: docs/cluster.md)",
+                    file=sys.stderr,
+                )
+            elif n and alone:
+                tqdm.write(f"{desc}: {n} Dask worker(s) at {address}; going on", file=sys.stderr)
+            alone = n == 0
+
+    thread = threading.Thread(target=watch, name="charlm-watch-workers", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()  # a daemon thread: not joined (it may be inside a scheduler call)
 
 
 class _OneThread:
@@ -311,7 +349,9 @@ def run_cells(
 
     A worker lost mid-run (killed, its machine gone) costs only time: the scheduler
     reruns its cells elsewhere (up to ``distributed.scheduler.allowed-failures`` = 3
-    losses per cell, then ``distributed.KilledWorker``). An exception raised by ``fn``
+    losses per cell, then ``distributed.KilledWorker``); with no worker left the cells
+    wait for one, and a line on stderr says so (looked at every WATCH_SECONDS) and
+    again when workers are back. An exception raised by ``fn``
     is not retried (a pure cell would fail again): the other cells are cancelled and it
     propagates. So does KeyboardInterrupt, once the cells are cancelled and the client
     and embedded cluster closed. A cell already running runs to its end, its result
@@ -344,15 +384,21 @@ def run_cells(
     with _client(address, connect_timeout, n_workers) as client:
         if address is not None:
             _check_code(client, address, fn)
-        if not client.scheduler_info()["workers"]:
+        alone = not client.scheduler_info()["workers"]
+        if alone:
             print(f"{desc}: no Dask worker yet at {address}; waiting for one", file=sys.stderr)
+        watch = (
+            _watch_workers(client, address, desc, alone, WATCH_SECONDS)
+            if address is not None
+            else contextlib.nullcontext()
+        )
         futures = {
             client.submit(call_cell, fn, cell, key=f"{desc}-{cid}-{tokenize(fn, cell)}"): cid
             for cid, cell in cells.items()
         }
         done: dict[str, tuple[Any, dict[str, Any]]] = {}
         try:
-            with tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress) as bar:
+            with watch, tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress) as bar:
                 for future in as_completed(futures):
                     try:
                         done[futures[future]] = future.result()  # re-gathers a lost result

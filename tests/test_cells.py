@@ -22,12 +22,15 @@ import psutil
 import pytest
 import torch
 from dask_support import (
+    DASK,
     WORKER_ENV,
     cluster,
     failing_cell,
     free_port,
     listening_cell,
     running,
+    sleepy_cell,
+    stop,
     task_states,
     tls_setup,
     train_cell,
@@ -199,6 +202,56 @@ def test_worker_killed_mid_run(tcp_cluster):
     assert all(rec["cell_workers"][cid] != killed["addr"] for cid in rerun)
     direct = {cid: call_cell(train_cell, cell)[0] for cid, cell in cells.items()}
     assert same_bytes(results, direct)
+
+
+@pytest.mark.slow
+def test_a_cluster_left_without_workers_says_so_and_waits(tmp_path, capsys, monkeypatch):
+    """Every worker gone mid-run (its Nanny too, as when a batch job ends): the stage says
+    so on stderr instead of hanging silently, keeps the cells, and finishes on a worker
+    started afterwards, saying so again."""
+    monkeypatch.setattr(cells_mod, "WATCH_SECONDS", 0.3)
+    started = tmp_path / "started"
+    started.mkdir()
+    cells = {f"s{s}": {"seed": s, "seconds": 1.0, "started": str(started)} for s in range(3)}
+    out: dict[str, object] = {}
+    late: list[subprocess.Popen] = []
+    with cluster(1) as address:
+        gone = [p for p in psutil.Process().children() if {"worker", address} <= set(p.cmdline())]
+        assert len(gone) == 1  # the `dask worker` process (a Nanny) that cluster() started
+
+        def stage() -> None:
+            out["results"] = run_cells(
+                sleepy_cell, cells, desc="alone", scheduler=address, progress=False
+            )[0]
+
+        thread = threading.Thread(target=stage)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not any(started.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            family = [gone[0], *gone[0].children(recursive=True)]
+            for proc in family:
+                proc.kill()
+            psutil.wait_procs(family, timeout=10)
+            said = ""
+            while f"alone: no Dask worker left at {address}" not in said:
+                assert time.monotonic() < deadline, said
+                time.sleep(0.1)
+                said += capsys.readouterr().err
+            assert thread.is_alive() and "results" not in out  # the cells wait
+            worker = ["worker", address, "--host", "127.0.0.1", "--nthreads", "1"]
+            quiet = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
+            env = {**os.environ, **WORKER_ENV}
+            late.append(subprocess.Popen([*DASK, *worker, *quiet], env=env))
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+            said += capsys.readouterr().err
+        finally:
+            stop(late)
+            thread.join(timeout=60)
+    assert out["results"] == {cid: cell["seed"] for cid, cell in cells.items()}
+    assert f"alone: 1 Dask worker(s) at {address}; going on" in said, said
 
 
 def test_unreachable_scheduler_fails_fast():
