@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
+import re
 import sys
 import threading
 import time
@@ -90,33 +92,28 @@ class ClusterCannotLoadCells(OSError):
         self.address = address
 
 
+# what check_address lets through: Dask's network transports (not inproc://, which only
+# exists inside one process) and a host: a name, an IPv4 address or [IPv6%zone]
+SCHEMES = ("tcp", "tls", "ws", "wss")
+_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
+
+
 def check_address(address: str, source: str = SCHEDULER_ENV) -> str:
-    """``address`` if it is a scheduler address this module accepts:
-    ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (an IPv6 host in brackets).
+    """``address`` if it is a scheduler address Dask can connect to: ``tcp://HOST:PORT``
+    or ``tls://HOST:PORT`` (also Dask's ``ws://`` and ``wss://``, and a bare
+    ``HOST:PORT``, which Dask reads as tcp://); HOST a name, an IPv4 address or an IPv6
+    address in brackets, PORT 1-65535. Schemes are case-sensitive, as in Dask.
 
     Raises:
         ValueError: anything else, naming ``source`` (the variable or argument it came
             from) and the value: without this check Dask's own parse errors ("missing
             port number", "not enough values to unpack") name neither.
     """
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(address)
-        port = parts.port  # ValueError when not an integer in 0..65535
-    except ValueError:
-        parts, port = None, None
-    if (
-        parts is None
-        or parts.scheme not in ("tcp", "tls")
-        or not parts.hostname
-        or port is None
-        or port == 0
-        or parts.path
-        or parts.query
-        or parts.fragment
-        or parts.username is not None
-    ):
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "tcp", address
+    match = _HOST_PORT.fullmatch(rest)
+    if scheme not in SCHEMES or match is None or not 0 < int(match.group(1)) < 65536:
         raise ValueError(
             f"{source}={address!r} is not a Dask scheduler address: expected tcp://HOST:PORT "
             f"or tls://HOST:PORT (e.g. tcp://10.0.0.5:8786), or unset {SCHEDULER_ENV} to run "
@@ -131,22 +128,56 @@ def _loadable(fn: Callable[[Any], Any]) -> bool:
     return True
 
 
+# errors of unpickling a function pickled by reference: its module or the repository is
+# missing (ModuleNotFoundError, ImportError), or an older revision lacks the function
+# (AttributeError: Can't get attribute ...). A worker's comes back from client.run as a
+# bare Exception holding the original's repr.
+_LOAD_ERRORS = (ImportError, AttributeError, pickle.UnpicklingError)
+_LOAD_ERROR_TEXT = re.compile(
+    r"(?:ModuleNotFoundError|ImportError|AttributeError|UnpicklingError)\("
+)
+
+
+def _load_error(e: BaseException) -> str | None:
+    """The text of ``e`` if it says that code could not be unpickled, else None."""
+    if isinstance(e, _LOAD_ERRORS):
+        return repr(e)
+    text = str(e)
+    return text if type(e) is Exception and _LOAD_ERROR_TEXT.match(text) else None
+
+
 def _check_code(client: Any, address: str, fn: Callable[[Any], Any]) -> None:
     """Raise ClusterCannotLoadCells if the scheduler or a connected worker cannot
     unpickle ``fn``. Without this, a scheduler without the code fails every cell with
     "Error during deserialization of the task graph", and a worker without it dies on
     its first task and is restarted by its Nanny, again and again, while the stage waits
-    without a word. Workers that join later are not checked."""
+    without a word. Other errors of the probe are not this one: a worker leaving while
+    asked (its connection closed) is left to the scheduler, which reruns its cells; the
+    scheduler's own connection error propagates. Workers that join later are not checked.
+    """
     try:
         client.run_on_scheduler(_loadable, fn)
     except Exception as e:
-        raise ClusterCannotLoadCells(address, f"scheduler at {address}", repr(e)) from e
+        text = _load_error(e)
+        if text is None:
+            raise
+        raise ClusterCannotLoadCells(address, f"scheduler at {address}", text) from e
     replies = client.run(_loadable, fn, on_error="return")
-    bad = {w: r for w, r in replies.items() if isinstance(r, BaseException)}
+    bad = {
+        w: t for w, r in replies.items() if isinstance(r, BaseException) and (t := _load_error(r))
+    }
     if bad:
-        worker, error = sorted(bad.items())[0]
+        worker, text = sorted(bad.items())[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ClusterCannotLoadCells(address, f"worker {worker}{more} of {address}", error)
+        raise ClusterCannotLoadCells(address, f"worker {worker}{more} of {address}", text)
+
+
+def _identity(client: Any, n_workers: int = -1) -> dict[str, Any]:
+    """The scheduler's identity: its "address", "n_workers" and (up to ``n_workers``, -1
+    for all) its "workers". Asked directly: ``Client.scheduler_info`` returns a copy
+    shared with Dask's own refresh every 2 s, which asks for no workers, so a refresh
+    landing between the two could empty the workers of a run record."""
+    return client.sync(client.scheduler.identity, n_workers=n_workers)
 
 
 @contextlib.contextmanager
@@ -165,9 +196,9 @@ def _watch_workers(
         nonlocal alone
         while not stop.wait(every):
             try:
-                n = client.scheduler_info(n_workers=0)["n_workers"]
-            except Exception:  # the client is closing, or the scheduler went away
-                return
+                n = _identity(client, n_workers=0)["n_workers"]
+            except Exception:  # the client is closing, or the scheduler is away a moment
+                continue
             if n == 0 and not alone:
                 tqdm.write(
                     f"{desc}: no Dask worker left at {address}; the cells wait for one "
@@ -384,7 +415,7 @@ def run_cells(
     with _client(address, connect_timeout, n_workers) as client:
         if address is not None:
             _check_code(client, address, fn)
-        alone = not client.scheduler_info()["workers"]
+        alone = not _identity(client, n_workers=0)["n_workers"]
         if alone:
             print(f"{desc}: no Dask worker yet at {address}; waiting for one", file=sys.stderr)
         watch = (
@@ -411,7 +442,7 @@ def run_cells(
             with contextlib.suppress(Exception):  # closing the client cancels them too
                 client.cancel(list(futures), force=True)
             raise
-        info = client.scheduler_info()  # the workers at the end (an adaptive cluster's too)
+        info = _identity(client)  # the workers at the end (an adaptive cluster's too)
         workers = info["workers"]
     results = {cid: done[cid][0] for cid in cells}
     where = {cid: done[cid][1] for cid in cells}

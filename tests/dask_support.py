@@ -174,6 +174,10 @@ def stop(procs: list[subprocess.Popen]) -> None:
             child.kill()
 
 
+# address -> the processes cluster() started there (scheduler first), while it runs
+PROCESSES: dict[str, list[subprocess.Popen]] = {}
+
+
 @contextlib.contextmanager
 def cluster(
     workers: int, tls: list[str] | None = None, without_code: str | None = None
@@ -228,8 +232,10 @@ def cluster(
         ]
         with Client(address, timeout=30) as client:
             client.wait_for_workers(workers, timeout=60)
+        PROCESSES[address] = procs
         yield address
     finally:
+        PROCESSES.pop(address, None)
         stop(procs[::-1])
         shutil.rmtree(config, ignore_errors=True)
 

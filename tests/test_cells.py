@@ -23,6 +23,7 @@ import pytest
 import torch
 from dask_support import (
     DASK,
+    PROCESSES,
     WORKER_ENV,
     cluster,
     failing_cell,
@@ -216,8 +217,7 @@ def test_a_cluster_left_without_workers_says_so_and_waits(tmp_path, capsys, monk
     out: dict[str, object] = {}
     late: list[subprocess.Popen] = []
     with cluster(1) as address:
-        gone = [p for p in psutil.Process().children() if {"worker", address} <= set(p.cmdline())]
-        assert len(gone) == 1  # the `dask worker` process (a Nanny) that cluster() started
+        nanny = PROCESSES[address][1]  # the `dask worker` process: a Nanny and its worker
 
         def stage() -> None:
             out["results"] = run_cells(
@@ -230,7 +230,9 @@ def test_a_cluster_left_without_workers_says_so_and_waits(tmp_path, capsys, monk
             deadline = time.monotonic() + 60
             while not any(started.iterdir()) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            family = [gone[0], *gone[0].children(recursive=True)]
+            family = psutil.Process(nanny.pid).children(recursive=True)
+            nanny.kill()  # first, so that it restarts nothing
+            nanny.wait(timeout=10)
             for proc in family:
                 proc.kill()
             psutil.wait_procs(family, timeout=10)
@@ -242,7 +244,8 @@ def test_a_cluster_left_without_workers_says_so_and_waits(tmp_path, capsys, monk
             assert thread.is_alive() and "results" not in out  # the cells wait
             worker = ["worker", address, "--host", "127.0.0.1", "--nthreads", "1"]
             quiet = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
-            env = {**os.environ, **WORKER_ENV}
+            env = {k: v for k, v in os.environ.items() if k != "CHARLM_SCHEDULER"}
+            env.update(WORKER_ENV)
             late.append(subprocess.Popen([*DASK, *worker, *quiet], env=env))
             thread.join(timeout=60)
             assert not thread.is_alive()
@@ -267,7 +270,9 @@ def test_unreachable_scheduler_fails_fast():
 @pytest.mark.parametrize(
     "value",
     ["nonsense", "http://127.0.0.1:8786", "tcp://127.0.0.1", "tcp://127.0.0.1:port",
-     "tcp://127.0.0.1:8786/", "inproc://127.0.0.1/1/1", "ucx://127.0.0.1:8786", "tcp://:8786"],
+     "tcp://127.0.0.1:8786/", "inproc://127.0.0.1/1/1", "ucx://127.0.0.1:8786", "tcp://:8786",
+     "TCP://127.0.0.1:8786", "tcp://127.0.0.1:8786?", "tcp://127.0.0.1:8786#",
+     "tcp://127.0.0.1:0", "tcp://127.0.0.1:65536", "tcp://me@127.0.0.1:8786"],
 )  # fmt: skip
 def test_a_malformed_scheduler_variable_is_named(value, monkeypatch):
     """A CHARLM_SCHEDULER that is not tcp:// or tls:// HOST:PORT: a ValueError (a stage's
@@ -277,19 +282,40 @@ def test_a_malformed_scheduler_variable_is_named(value, monkeypatch):
         run_cells(train_cell, SMALL, desc="x", connect_timeout=1)
 
 
-@pytest.mark.parametrize("value", ["tcp://127.0.0.1:8786", "tls://[::1]:8786", "tcp://a.b:1"])
-def test_well_formed_scheduler_addresses_pass(value):
+@pytest.mark.parametrize(
+    "value",
+    ["tcp://127.0.0.1:8786", "tls://[::1]:8786", "tcp://node-3.cluster.local:8786",
+     "tcp://[fe80::1%ib0]:8786", "10.0.0.5:8786", "ws://10.0.0.5:8786", "wss://h:1"],
+)  # fmt: skip
+def test_addresses_dask_accepts_pass(value):
+    """What Dask connects to passes, a bare HOST:PORT (Dask: tcp://) included; each is
+    also what Dask itself parses to a host and a port."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
     assert cells_mod.check_address(value) == value
+    scheme, location = parse_address(value)
+    host, port = parse_host_port(location)
+    assert scheme in cells_mod.SCHEMES and host and port == int(value.rsplit(":", 1)[1])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("role", ["scheduler", "workers"])
-def test_a_cluster_without_the_code_is_named_before_any_cell(role):
+def test_a_cluster_without_the_code_is_named_before_any_cell(role, monkeypatch):
     """A scheduler or workers that cannot import this repository: one clear error naming
     the process and PYTHONPATH, before any cell is submitted. (Without the check, such a
     scheduler failed every cell with 'Error during deserialization of the task graph',
     blamed on the first cell; such workers died on every task and were restarted while
     the stage waited without a word.)"""
+    import distributed
+
+    submitted = []
+    submit = distributed.Client.submit
+
+    def recording(self, *args, **kwargs):
+        submitted.append(kwargs.get("key"))
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "submit", recording)
     with cluster(1, without_code=role) as address:
         start = time.monotonic()
         with pytest.raises(ClusterCannotLoadCells) as info:
@@ -300,10 +326,23 @@ def test_a_cluster_without_the_code_is_named_before_any_cell(role):
         assert f"the Dask {who}" in message and address in message, message
         assert "No module named" in message and "PYTHONPATH" in message, message
         assert isinstance(info.value, OSError)  # a stage prints one 'error:' line
-        with Client(address, timeout=10) as client:
-            # nothing was submitted (a lambda travels by value: this scheduler may lack
-            # the tests' module too)
-            assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
+        assert submitted == []  # no cell was sent
+
+
+def test_only_unpickling_errors_count_as_missing_code():
+    """The probe's errors: an import, attribute or unpickling error (a worker's comes back
+    as a bare Exception holding its repr) means the code is missing; a worker that left
+    while asked (CommClosedError, an OSError) or a timeout does not."""
+    from distributed.comm.core import CommClosedError
+
+    missing = ModuleNotFoundError("No module named 'pipeline'")
+    assert cells_mod._load_error(missing) == repr(missing)
+    assert cells_mod._load_error(Exception(repr(missing))) == repr(missing)
+    old = AttributeError("Can't get attribute 'init_cell' on <module 'pipeline.atlas'>")
+    assert cells_mod._load_error(Exception(repr(old))) == repr(old)
+    for other in (CommClosedError("in <TCP (closed)>"), TimeoutError(), OSError("gone"),
+                  Exception("CommClosedError('in <TCP (closed)>')")):  # fmt: skip
+        assert cells_mod._load_error(other) is None, other
 
 
 def test_n_workers_must_be_positive():
