@@ -80,6 +80,7 @@ def render(
             for s in row:
                 counts.setdefault(fam, {"trained": 0, "stalled": 0, "diverged": 0})[s] += 1
     he_fig, he_sentence = page.he_figure(cells["he"])
+    he_depth = cells["he"][0]["depth"] if cells["he"] else cfg.he.depth  # what ran
     cols = ["group", "case", "quantity", "measured", "q10", "q90", "predicted", "rel_err", "note"]
     sections = [
         ("trainability", "Trainability: depth x gain", page.trainability_intro(cells["train"])
@@ -91,7 +92,7 @@ def render(
          + "</ul>" + page.table(rows, cols)),
         ("width", "Finite width", page.table(wrows, ["width", "gain", "measured", "predicted",
                                                      "rel_err"])),
-        ("he", f"He et al. 2015's analogue: a {cfg.he.depth}-layer relu net",
+        ("he", f"He et al. 2015's analogue: a {he_depth}-layer relu net",
          f"<p>{he_sentence}</p>{he_fig}"),
         ("cost", "Where the cells ran, and what the full atlas costs", page.cost(records, cfg)),
     ]  # fmt: skip
