@@ -95,7 +95,10 @@ class ClusterCannotLoadCells(OSError):
 # what check_address lets through: Dask's network transports (not inproc://, which only
 # exists inside one process) and a host: a name, an IPv4 address or [IPv6%zone]
 SCHEMES = ("tcp", "tls", "ws", "wss")
-_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]|[A-Za-z0-9._-]+):([0-9]{1,5})")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOST_PORT = re.compile(
+    rf"(?:\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]|{_LABEL}(?:\.{_LABEL})*):([0-9]{{1,5}})"
+)
 
 
 def check_address(address: str, source: str = SCHEDULER_ENV) -> str:
@@ -149,11 +152,11 @@ def _load_error(e: BaseException) -> str | None:
 def _check_code(client: Any, address: str, fn: Callable[[Any], Any]) -> None:
     """Raise ClusterCannotLoadCells if the scheduler or a connected worker cannot
     unpickle ``fn``. Without this, a scheduler without the code fails every cell with
-    "Error during deserialization of the task graph", and a worker without it dies on
-    its first task and is restarted by its Nanny, again and again, while the stage waits
-    without a word. Other errors of the probe are not this one: a worker leaving while
-    asked (its connection closed) is left to the scheduler, which reruns its cells; the
-    scheduler's own connection error propagates. Workers that join later are not checked.
+    "Error during deserialization of the task graph", and a worker without it leaves the
+    cluster on its first task while the stage waits without a word. Other errors of the
+    probe are not this one: a worker leaving while asked (its connection closed) is left
+    to the scheduler, which reruns its cells; the scheduler's own connection error
+    propagates. Workers that join later are not checked.
     """
     try:
         client.run_on_scheduler(_loadable, fn)
@@ -170,6 +173,14 @@ def _check_code(client: Any, address: str, fn: Callable[[Any], Any]) -> None:
         worker, text = sorted(bad.items())[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ClusterCannotLoadCells(address, f"worker {worker}{more} of {address}", text)
+
+
+def _scheduler_lost(e: BaseException) -> bool:
+    """Whether a future's error says the client lost its scheduler (the scheduler died
+    or the network went), not that the cell failed."""
+    from distributed.client import FutureCancelledError
+
+    return isinstance(e, FutureCancelledError) and "scheduler-connection-lost" in e.reason
 
 
 def _identity(client: Any, n_workers: int = -1) -> dict[str, Any]:
@@ -281,6 +292,29 @@ def _close(closable: Any) -> None:
         closable.close(timeout=CLOSE_TIMEOUT)
 
 
+def _connect(client_class: Any, address: str, timeout: float) -> Any:
+    """``client_class(address, timeout=timeout)``, TLS from Dask's configuration.
+
+    Raises:
+        SchedulerUnreachable: no answer within ``timeout``, the TLS files unreadable, or
+            an answer that is not a Dask scheduler's (a worker's address gives a
+            TypeError deep in Dask); the reason in its message. (Something that accepts
+            the connection and never answers, a dashboard's HTTP port, say, is not
+            caught: Dask's timeout does not cover its handshake. Ctrl-C stops the wait;
+            running the Client in a thread with a deadline deadlocked Dask's shared
+            event-loop lock once the abandoned thread's client was closed.)
+    """
+    try:
+        return client_class(address, timeout=timeout)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        raise SchedulerUnreachable(address, f"cannot read a TLS file ({e})") from e
+    except (OSError, TimeoutError) as e:
+        raise SchedulerUnreachable(address, f"no answer within {timeout:g} s ({e})") from e
+    except Exception as e:
+        reason = f"it did not answer as a Dask scheduler ({type(e).__name__}: {e})"
+        raise SchedulerUnreachable(address, reason) from e
+
+
 @contextlib.contextmanager
 def _client(address: str | None, timeout: float, n_workers: int | None) -> Iterator[Any]:
     """A Client of the scheduler at ``address``, or of an embedded in-process cluster of
@@ -294,10 +328,7 @@ def _client(address: str | None, timeout: float, n_workers: int | None) -> Itera
     if address is not None:
         if address.startswith("tls://") and not Security().tls_client_cert:
             raise SchedulerUnreachable(address, f"no client certificate: set {TLS_HINT}")
-        try:
-            client = Client(address, timeout=timeout)  # security: Dask's configuration
-        except (OSError, TimeoutError) as e:
-            raise SchedulerUnreachable(address, f"no answer within {timeout:g} s ({e})") from e
+        client = _connect(Client, address, timeout)
         try:
             yield client
         finally:
@@ -390,8 +421,10 @@ def run_cells(
     does not keep this process alive (a stage exits at once: ``pipeline.outputs``).
 
     Raises:
-        SchedulerUnreachable: no scheduler answered at the address in time, or a
-            tls:// address without a client certificate configured.
+        SchedulerUnreachable: no scheduler answered at the address in time, what
+            answered is not a scheduler (``_connect``), a tls:// address
+            without a client certificate configured or with unreadable TLS files, or
+            the scheduler was lost mid-run.
         ClusterCannotLoadCells: the scheduler or a worker connected at the start cannot
             import ``fn`` (checked before any cell is submitted).
         TypeError: a cell id is not a str.
@@ -434,6 +467,10 @@ def run_cells(
                     try:
                         done[futures[future]] = future.result()  # re-gathers a lost result
                     except Exception as e:  # the cell's own error (Dask logs none here)
+                        if address is not None and _scheduler_lost(e):
+                            raise SchedulerUnreachable(
+                                address, "the connection was lost mid-run; run the stage again"
+                            ) from e
                         e.add_note(f"raised by cell {futures[future]!r} of {desc}")
                         raise
                     future.release()  # free the worker's copy

@@ -257,6 +257,42 @@ def test_a_cluster_left_without_workers_says_so_and_waits(tmp_path, capsys, monk
     assert f"alone: 1 Dask worker(s) at {address}; going on" in said, said
 
 
+@pytest.mark.slow
+def test_a_worker_address_or_a_lost_scheduler_is_a_clear_error(tmp_path):
+    """A worker's address given as the scheduler's, and the scheduler killed while cells
+    run: each a SchedulerUnreachable naming the address (a stage's one 'error:' line),
+    not a TypeError traceback or a cell blamed for the lost connection."""
+    started = tmp_path / "started"
+    started.mkdir()
+    cells = {f"s{s}": {"seed": s, "seconds": 30.0, "started": str(started)} for s in range(2)}
+    with cluster(1) as address:
+        with Client(address, timeout=10) as client:
+            (worker,) = client.scheduler_info()["workers"]
+        with pytest.raises(SchedulerUnreachable, match=re.escape(worker)) as info:
+            run_cells(train_cell, SMALL, desc="x", scheduler=worker, connect_timeout=5)
+        assert "did not answer as a Dask scheduler" in str(info.value), info.value
+
+        scheduler = PROCESSES[address][0]
+
+        def kill_when_started() -> None:
+            deadline = time.monotonic() + 60
+            while not any(started.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            scheduler.kill()
+
+        killer = threading.Thread(target=kill_when_started)
+        killer.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(SchedulerUnreachable, match=re.escape(address)) as info:
+                run_cells(sleepy_cell, cells, desc="lost", scheduler=address, progress=False)
+        finally:
+            killer.join()
+        assert time.monotonic() - start < 30  # not the cells' 30 s
+        assert "lost mid-run" in str(info.value), info.value
+        assert not getattr(info.value, "__notes__", None)  # no cell blamed
+
+
 def test_unreachable_scheduler_fails_fast():
     address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
