@@ -193,7 +193,7 @@ def _identity(client: Any, n_workers: int = -1) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _watch_workers(
-    client: Any, address: str, desc: str, alone: bool, every: float = WATCH_SECONDS
+    client: Any, address: str, desc: str, alone: bool, every: float
 ) -> Iterator[None]:
     """While the block runs, say on stderr when the cluster at ``address`` has no worker
     left and when workers are back. Dask's scheduler keeps the cells of a cluster without
@@ -292,8 +292,9 @@ def _close(closable: Any) -> None:
         closable.close(timeout=CLOSE_TIMEOUT)
 
 
-def _connect(client_class: Any, address: str, timeout: float) -> Any:
-    """``client_class(address, timeout=timeout)``, TLS from Dask's configuration.
+def _connect(address: str, timeout: float) -> Any:
+    """A ``distributed.Client`` of the scheduler at ``address``, TLS from Dask's
+    configuration.
 
     Raises:
         SchedulerUnreachable: no answer within ``timeout``, the TLS files unreadable, or
@@ -304,8 +305,10 @@ def _connect(client_class: Any, address: str, timeout: float) -> Any:
             running the Client in a thread with a deadline deadlocked Dask's shared
             event-loop lock once the abandoned thread's client was closed.)
     """
+    from distributed import Client
+
     try:
-        return client_class(address, timeout=timeout)
+        return Client(address, timeout=timeout)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         raise SchedulerUnreachable(address, f"cannot read a TLS file ({e})") from e
     except (OSError, TimeoutError) as e:
@@ -328,7 +331,7 @@ def _client(address: str | None, timeout: float, n_workers: int | None) -> Itera
     if address is not None:
         if address.startswith("tls://") and not Security().tls_client_cert:
             raise SchedulerUnreachable(address, f"no client certificate: set {TLS_HINT}")
-        client = _connect(Client, address, timeout)
+        client = _connect(address, timeout)
         try:
             yield client
         finally:

@@ -122,9 +122,8 @@ def test_the_atlas_runs_in_the_pipeline(baseline):
     for anchor in ("trainability", "profiles", "gradients", "table", "width", "he", "cost"):
         assert f'href="#{anchor}"' in page and f'id="{anchor}"' in page, anchor
     assert page.count("<img") >= 5
-    assert "He et al. 2015&#x27;s analogue: a 3-layer relu net" in page or (
-        "He et al. 2015's analogue: a 3-layer relu net" in page
-    )  # atlas.he.depth of TINY_ATLAS, not the paper's 30
+    # atlas.he.depth of TINY_ATLAS, not the paper's 30 (the heading is HTML-escaped)
+    assert "He et al. 2015&#x27;s analogue: a 3-layer relu net" in page
     metrics = json.loads((root / "reports/atlas.json").read_text(encoding="utf-8"))
     assert metrics["trainability"] and metrics["he"].startswith("relu, 3 hidden layers")
     assert any(k.startswith("gradient growth") for k in metrics["theory_vs_measured"])
